@@ -1,0 +1,3 @@
+from sftlens.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""``sftlens`` command line. Thin: parses arguments into dataclass configs, calls :mod:`sftlens.api`.
+
+Heavy imports (torch, transformers) happen only inside the chosen subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sftlens.config import DemoConfig, SFTConfig, WeightsConfig, add_arguments, from_namespace
+from sftlens.errors import SftlensError
+
+
+def _weights(ns: argparse.Namespace) -> Any:
+    from sftlens import api
+
+    return api.run_weights(from_namespace(WeightsConfig, ns))
+
+
+def _sft(ns: argparse.Namespace) -> Any:
+    from sftlens.tuning.sft import train_sft
+
+    return train_sft(from_namespace(SFTConfig, ns))
+
+
+def _demo(ns: argparse.Namespace) -> Any:
+    import dataclasses
+
+    from sftlens import api
+
+    return api.demo(**dataclasses.asdict(from_namespace(DemoConfig, ns)))
+
+
+def _report(ns: argparse.Namespace) -> Any:
+    from sftlens import api
+
+    return api.report(ns.run)
+
+
+COMMANDS: dict[str, tuple[type | None, Callable[[argparse.Namespace], Any], str]] = {
+    "demo": (
+        DemoConfig,
+        _demo,
+        "main job: short SFT of SmolLM2-135M-Instruct, weight analysis, report",
+    ),
+    "weights": (
+        WeightsConfig,
+        _weights,
+        "per-layer weight distances between BASE and SFT (streamed)",
+    ),
+    "sft": (SFTConfig, _sft, "full-parameter SFT on GSM8K-format data (resumable)"),
+    "report": (None, _report, "rebuild report.html of a run folder"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sftlens",
+        description="Where, layer by layer, did supervised fine-tuning change this model?",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (cls, _, help_text) in COMMANDS.items():
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=(cls.__doc__ or help_text).strip() if cls else help_text,
+        )
+        if cls is not None:
+            add_arguments(p, cls)
+        else:
+            p.add_argument("run", help="run folder")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if ns.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        result = COMMANDS[ns.command][1](ns)
+    except SftlensError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+    if result is not None:
+        print(result)
+    return 0

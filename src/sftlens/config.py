@@ -1,0 +1,174 @@
+"""Dataclass configs, validated on construction, that double as the CLI.
+
+Each field's ``metadata["help"]`` becomes its ``--flag`` help; fields marked
+``positional=True`` become positional arguments. ``cli.py`` builds its parsers from these
+classes with :func:`add_arguments` and turns the namespace back into a config with
+:func:`from_namespace`, so the CLI and the Python API can never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, Union
+
+from sftlens.errors import SftlensError
+
+T = TypeVar("T")
+
+
+def arg(
+    default: Any = dataclasses.MISSING, help: str = "", positional: bool = False, **kw: Any
+) -> Any:
+    """A dataclass field with CLI metadata."""
+    meta = {"help": help, "positional": positional}
+    if default is dataclasses.MISSING:
+        return field(metadata=meta, **kw)
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) for ``X | None``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp, optional = _base_type(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        flag = "--" + f.name.replace("_", "-")
+        has_default = (
+            f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        )
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, type=tp, help=help_text, metavar=f.name.upper())
+        elif tp is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
+        elif typing.get_origin(tp) in (list, tuple):
+            inner = typing.get_args(tp)[0]
+            parser.add_argument(flag, nargs="+", type=inner, default=default, help=help_text)
+        else:
+            suffix = "" if not has_default or default is None else f" (default: {default})"
+            parser.add_argument(
+                flag,
+                type=tp,
+                default=default,
+                required=not has_default and not optional,
+                help=help_text + suffix,
+            )
+
+
+def from_namespace(cls: type[T], ns: argparse.Namespace) -> T:
+    names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise SftlensError(message)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class WeightsConfig:
+    """``sftlens weights BASE SFT``: per-layer weight distances, streamed from the files."""
+
+    base: str = arg(help="BASE model: folder, .gguf file, hub id or alias", positional=True)
+    sft: str = arg(help="SFT model: folder, .gguf file, hub id or alias", positional=True)
+    out: str = arg("runs/weights", help="run folder for metrics.csv, plots and report.html")
+    allow_pickle: bool = arg(False, help="allow reading pickle (*.bin) checkpoints you trust")
+    progress: bool = arg(True, help="show progress bars")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.base) and bool(self.sft), "weights needs two models: BASE and SFT")
+
+
+@dataclass
+class SFTConfig:
+    """``sftlens sft MODEL``: full-parameter supervised fine-tuning on GSM8K-format data."""
+
+    model: str = arg(
+        help="model to fine-tune: folder, .gguf file, hub id or alias", positional=True
+    )
+    out: str = arg("runs/sft", help="output folder (a standard Hugging Face model folder)")
+    data: str = arg(
+        "auto", help="jsonl file, folder with train.jsonl, 'gsm8k', 'synthetic' or 'auto'"
+    )
+    split: str = arg("train", help="split to train on (never 'test')")
+    max_examples: int | None = arg(None, help="use only the first N examples")
+    steps: int = arg(100, help="optimizer steps")
+    batch_size: int = arg(4, help="examples per micro-batch")
+    grad_accum: int = arg(1, help="micro-batches per optimizer step")
+    lr: float = arg(2e-5, help="peak learning rate (AdamW)")
+    warmup_ratio: float = arg(0.1, help="fraction of steps of linear warmup before cosine decay")
+    weight_decay: float = arg(0.0, help="AdamW weight decay")
+    max_grad_norm: float = arg(1.0, help="gradient clipping norm (0 disables)")
+    max_length: int = arg(384, help="truncate prompt+answer to this many tokens")
+    prompt_format: str = arg(
+        "qa", help="'qa' (Question:/Answer:) or 'chat' (the tokenizer's template)"
+    )
+    seed: int = arg(0, help="seed for data order and initialisation")
+    save_every: int = arg(50, help="save a resumable checkpoint every N steps (0: only at the end)")
+    dtype: str = arg("float32", help="training dtype (fp32 on CPU: bf16 matmuls are ~100x slower)")
+    device: str = arg("auto", help="'auto', 'cpu' or 'cuda'")
+    progress: bool = arg(True, help="show progress bars")
+
+    def __post_init__(self) -> None:
+        _check(self.split != "test", "sft refuses to train on the test split; use --split train")
+        for name in ("steps", "batch_size", "grad_accum", "max_length"):
+            _check(
+                getattr(self, name) >= 1,
+                f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}",
+            )
+        _check(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        _check(
+            0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}"
+        )
+        _check(self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}")
+        _check(
+            self.prompt_format in ("qa", "chat"),
+            f"--prompt-format must be 'qa' or 'chat', got '{self.prompt_format}'",
+        )
+        _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got '{self.dtype}'")
+
+
+@dataclass
+class DemoConfig:
+    """``sftlens demo``: the main job on the embedded default, end to end."""
+
+    model: str = arg("smollm2-135m-instruct", help="BASE model to fine-tune and analyse")
+    out: str = arg("runs/demo", help="run folder")
+    data: str = arg(
+        "auto",
+        help="SFT data: 'auto' (GSM8K if found, else the built-in generator), a path, 'synthetic'",
+    )
+    sft_steps: int = arg(30, help="optimizer steps of the short SFT")
+    sft_batch_size: int = arg(4, help="examples per step of the short SFT")
+    sft_lr: float = arg(5e-5, help="peak learning rate of the short SFT")
+    sft_max_length: int = arg(256, help="max tokens per SFT example")
+    seed: int = arg(0, help="seed")
+    progress: bool = arg(True, help="show progress bars")
+
+    def __post_init__(self) -> None:
+        _check(self.sft_steps >= 1, f"--sft-steps must be >= 1, got {self.sft_steps}")

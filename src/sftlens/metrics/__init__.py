@@ -1,0 +1,65 @@
+"""Pure metric functions (float64 reductions on torch tensors) and streaming accumulators.
+
+One module per family: :mod:`.information` (matrix entropy, effective rank), :mod:`.geometry`
+(CKA, cosine, mean shift), :mod:`.attention` (attention entropy, Jensen-Shannon) and
+:mod:`.accumulators` (streaming versions that reuse those functions). Nothing here imports
+models, transformers or the CLI.
+"""
+
+from __future__ import annotations
+
+from sftlens.metrics.accumulators import (
+    AttentionStats,
+    PairMoments,
+    PooledRows,
+    PromptEntropy,
+    StreamingCKA,
+)
+from sftlens.metrics.attention import (
+    attention_entropy,
+    attention_entropy_sums,
+    attention_js,
+    attention_js_sums,
+)
+from sftlens.metrics.geometry import (
+    cka_from_moments,
+    linear_cka,
+    mean_cosine_similarity,
+    mean_shift,
+    mean_shift_from_means,
+    row_cosine,
+    unbiased_cka,
+)
+from sftlens.metrics.information import (
+    alpha_entropy_from_eigenvalues,
+    effective_rank,
+    gram_eigenvalues,
+    matrix_entropy,
+    normalize_entropy,
+    normalize_rows,
+)
+
+__all__ = [
+    "AttentionStats",
+    "PairMoments",
+    "PooledRows",
+    "PromptEntropy",
+    "StreamingCKA",
+    "alpha_entropy_from_eigenvalues",
+    "attention_entropy",
+    "attention_entropy_sums",
+    "attention_js",
+    "attention_js_sums",
+    "cka_from_moments",
+    "effective_rank",
+    "gram_eigenvalues",
+    "linear_cka",
+    "matrix_entropy",
+    "mean_cosine_similarity",
+    "mean_shift",
+    "mean_shift_from_means",
+    "normalize_entropy",
+    "normalize_rows",
+    "row_cosine",
+    "unbiased_cka",
+]

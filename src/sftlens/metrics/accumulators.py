@@ -1,0 +1,293 @@
+"""Streaming accumulators: feed batches with ``update``, read results with ``compute``.
+
+They keep float64 sums only and reuse the pure functions of :mod:`sftlens.metrics` for every
+formula. For data-parallel analysis call ``all_reduce_()`` ONCE on every rank after the last
+``update`` and before ``compute``: it sums the state over ranks when ``torch.distributed`` is
+initialised and does nothing otherwise. Create the accumulator on the device the process group
+communicates on (``device="cuda"`` for NCCL). ``compute`` returns values keyed by their
+``metrics.csv`` names.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from sftlens.errors import SftlensError
+from sftlens.metrics.attention import attention_entropy_sums, attention_js_sums
+from sftlens.metrics.geometry import (
+    _pair,
+    cka_from_moments,
+    linear_cka,
+    mean_shift_from_means,
+    row_cosine,
+    unbiased_cka,
+)
+from sftlens.metrics.information import (
+    Preset,
+    _matrix,
+    alpha_entropy_from_eigenvalues,
+    effective_rank,
+    matrix_entropy,
+    normalize_entropy,
+)
+
+Device = torch.device | str | None
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class _Accumulator:
+    """Holds named float64 state tensors; ``all_reduce_`` sums them over ranks."""
+
+    _state: tuple[str, ...] = ()
+
+    def __init__(self, device: Device = None) -> None:
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+
+    def _zeros(self, *shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=torch.float64, device=self.device)
+
+    def _count(self) -> float:
+        n = float(getattr(self, "count", 0.0))
+        if n <= 0:
+            raise SftlensError(
+                f"{type(self).__name__}.compute() called before any update; feed at least one batch"
+            )
+        return n
+
+    def all_reduce_(self) -> None:
+        """Sum every state tensor over ranks in place (no-op without a process group)."""
+        if _distributed():
+            for name in self._state:
+                dist.all_reduce(getattr(self, name), op=dist.ReduceOp.SUM)
+
+
+class StreamingCKA(_Accumulator):
+    """Token-level linear CKA over any number of tokens in O(d^2) memory.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x, y = torch.randn(100, 4, generator=g), torch.randn(100, 6, generator=g)
+        >>> acc = StreamingCKA(4, 6)
+        >>> acc.update(x[:30], y[:30]); acc.update(x[30:], y[30:])
+        >>> abs(acc.compute() - float(linear_cka(x, y))) < 1e-12
+        True
+    """
+
+    _state = ("sxx", "syy", "sxy", "sx", "sy", "count")
+
+    def __init__(self, d_x: int, d_y: int, *, device: Device = None) -> None:
+        super().__init__(device)
+        self.d_x, self.d_y = d_x, d_y
+        self.sxx, self.syy, self.sxy = (
+            self._zeros(d_x, d_x),
+            self._zeros(d_y, d_y),
+            self._zeros(d_y, d_x),
+        )
+        self.sx, self.sy, self.count = self._zeros(d_x), self._zeros(d_y), self._zeros()
+
+    def update(self, x: Tensor, y: Tensor) -> None:
+        """Add token rows x (N, d_x) of the base model and y (N, d_y) of the SFT model."""
+        x, y = _pair(x.to(self.device), y.to(self.device))
+        if x.shape[1] != self.d_x or y.shape[1] != self.d_y:
+            raise SftlensError(
+                f"expected widths ({self.d_x}, {self.d_y}), got ({x.shape[1]}, {y.shape[1]}); build StreamingCKA with the models' hidden sizes"
+            )
+        self.sxx += x.T @ x
+        self.syy += y.T @ y
+        self.sxy += y.T @ x
+        self.sx += x.sum(dim=0)
+        self.sy += y.sum(dim=0)
+        self.count += x.shape[0]
+
+    def compute(self) -> float:
+        """Linear CKA of all tokens seen (``cka`` in metrics.csv)."""
+        return float(
+            cka_from_moments(self.sxx, self.syy, self.sxy, self.sx, self.sy, self._count())
+        )
+
+
+class PairMoments(_Accumulator):
+    """Mean cosine similarity and mean shift between base and SFT token rows of width ``d``.
+
+    Example:
+        >>> acc = PairMoments(2)
+        >>> acc.update(torch.tensor([[2.0, 4.0], [4.0, 4.0]]), torch.tensor([[2.0, 4.0], [3.0, 5.0]]))
+        >>> {k: round(v, 4) for k, v in acc.compute().items()}
+        {'cosine': 0.9851, 'mean_shift': 0.7071, 'mean_shift_rel': 0.1414}
+    """
+
+    _state = ("cos_sum", "sum_x", "sum_y", "count")
+
+    def __init__(self, d: int, *, device: Device = None) -> None:
+        super().__init__(device)
+        self.cos_sum, self.count = self._zeros(), self._zeros()
+        self.sum_x, self.sum_y = self._zeros(d), self._zeros(d)
+
+    def update(self, x: Tensor, y: Tensor) -> None:
+        """Add token rows x (N, d) of the base model and y (N, d) of the SFT model."""
+        x, y = _pair(x.to(self.device), y.to(self.device))
+        if x.shape[1] != self.sum_x.numel():
+            raise SftlensError(
+                f"expected width {self.sum_x.numel()}, got {x.shape[1]}; build PairMoments with the model's hidden size"
+            )
+        self.cos_sum += row_cosine(x, y).sum()
+        self.sum_x += x.sum(dim=0)
+        self.sum_y += y.sum(dim=0)
+        self.count += x.shape[0]
+
+    def compute(self) -> dict[str, float]:
+        n = self._count()
+        shift, rel = mean_shift_from_means(self.sum_x / n, self.sum_y / n)
+        return {
+            "cosine": float(self.cos_sum) / n,
+            "mean_shift": float(shift),
+            "mean_shift_rel": float(rel),
+        }
+
+
+class PromptEntropy(_Accumulator):
+    """Prompt entropy: the matrix entropy of each prompt's real tokens, averaged over prompts.
+
+    Example:
+        >>> acc = PromptEntropy()
+        >>> acc.update(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # 2 tokens: 1 direction after centring
+        >>> acc.compute()
+        {'prompt_entropy': 0.0, 'prompt_entropy_norm': 0.0}
+    """
+
+    _state = ("raw_sum", "norm_sum", "count")
+
+    def __init__(
+        self, alpha: float = 1.0, preset: Preset = "default", *, device: Device = None
+    ) -> None:
+        super().__init__(device)
+        alpha_entropy_from_eigenvalues(torch.ones(1), alpha)  # raises now on a bad alpha
+        if preset not in ("default", "paper"):
+            raise SftlensError(f"unknown entropy preset {preset!r}; use 'default' or 'paper'")
+        self.alpha, self.preset = alpha, preset
+        self.raw_sum, self.norm_sum, self.count = self._zeros(), self._zeros(), self._zeros()
+
+    def update(self, z: Tensor) -> None:
+        """Add one prompt: its real tokens at one layer, (n_tokens, d)."""
+        raw = matrix_entropy(z, self.alpha, preset=self.preset).to(self.device)
+        self.raw_sum += raw
+        self.norm_sum += normalize_entropy(raw, z.shape[0], z.shape[1])
+        self.count += 1
+
+    def compute(self) -> dict[str, float]:
+        n = self._count()
+        return {
+            "prompt_entropy": float(self.raw_sum) / n,
+            "prompt_entropy_norm": float(self.norm_sum) / n,
+        }
+
+
+class PooledRows(_Accumulator):
+    """One pooled vector per prompt (kept on CPU, float64) for dataset-level statistics.
+
+    ``all_reduce_`` gathers the rows of every rank in rank order (call it on the base and the
+    SFT accumulators alike so that their rows stay aligned for :meth:`cka`).
+
+    Example:
+        >>> acc = PooledRows(3)
+        >>> acc.update(torch.eye(3) * 5.0)
+        >>> acc.update(torch.ones(3))
+        >>> acc.rows.shape
+        torch.Size([4, 3])
+    """
+
+    def __init__(self, d: int) -> None:
+        super().__init__("cpu")
+        self.d = d
+        self._rows: list[Tensor] = []
+
+    def update(self, rows: Tensor) -> None:
+        """Add pooled vectors, (P, d) or one (d,)."""
+        rows = _matrix(rows.reshape(1, -1) if rows.dim() == 1 else rows, "rows").cpu()  # (P, d)
+        if rows.shape[1] != self.d:
+            raise SftlensError(
+                f"expected pooled rows of width {self.d}, got {rows.shape[1]}; build PooledRows with the hidden size"
+            )
+        self._rows.append(rows)
+
+    @property
+    def rows(self) -> Tensor:
+        """All pooled rows so far, (n_prompts, d) float64."""
+        return torch.cat(self._rows) if self._rows else self._zeros(0, self.d)
+
+    def all_reduce_(self) -> None:
+        """Gather the rows of all ranks (in rank order); no-op without a process group."""
+        if _distributed():
+            gathered: list[Tensor | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, self.rows)
+            self._rows = [t for t in gathered if t is not None]
+
+    def compute(self, alpha: float = 1.0, preset: Preset = "default") -> dict[str, float]:
+        """Dataset entropy (raw and normalised) and effective rank (both variants, centred)."""
+        z = self.rows
+        if z.shape[0] == 0:
+            raise SftlensError(
+                "PooledRows.compute() called before any update; feed at least one prompt"
+            )
+        raw = matrix_entropy(z, alpha, preset=preset)
+        return {
+            "dataset_entropy": float(raw),
+            "dataset_entropy_norm": float(normalize_entropy(raw, z.shape[0], z.shape[1])),
+            "erank": float(effective_rank(z, variant="roy_vetterli")),
+            "erank_sigma2": float(effective_rank(z, variant="sigma2")),
+        }
+
+    def cka(self, other: PooledRows, *, unbiased: bool = False) -> float:
+        """Pooled CKA between these rows (base) and ``other``'s (SFT), prompt by prompt."""
+        return float((unbiased_cka if unbiased else linear_cka)(self.rows, other.rows))
+
+
+class AttentionStats(_Accumulator):
+    """Per-head attention entropy of base and SFT, and their Jensen-Shannon divergence.
+
+    Example:
+        >>> acc = AttentionStats(2)
+        >>> acc.update(torch.full((1, 2, 3, 3), 1 / 3), torch.full((1, 2, 3, 3), 1 / 3))
+        >>> acc.compute()["attn_js"]
+        tensor([0., 0.], dtype=torch.float64)
+    """
+
+    _state = ("ent_base", "ent_sft", "js", "count")
+
+    def __init__(self, num_heads: int, *, device: Device = None) -> None:
+        super().__init__(device)
+        self.num_heads = num_heads
+        self.ent_base, self.ent_sft, self.js = (self._zeros(num_heads) for _ in range(3))
+        self.count = self._zeros()
+
+    def update(
+        self,
+        attn_base: Tensor,
+        attn_sft: Tensor,
+        key_mask: Tensor | None = None,
+        query_mask: Tensor | None = None,
+    ) -> None:
+        """Add one layer's attention (B, H, Q, K) of both models on the same batch."""
+        if attn_base.dim() != 4 or attn_base.shape[1] != self.num_heads:
+            raise SftlensError(
+                f"expected attention (batch, {self.num_heads}, queries, keys), got {tuple(attn_base.shape)}; build AttentionStats with the model's head count"
+            )
+        js, count = attention_js_sums(attn_base, attn_sft, key_mask, query_mask)
+        self.ent_base += attention_entropy_sums(attn_base, key_mask, query_mask)[0].to(self.device)
+        self.ent_sft += attention_entropy_sums(attn_sft, key_mask, query_mask)[0].to(self.device)
+        self.js += js.to(self.device)
+        self.count += count
+
+    def compute(self) -> dict[str, Tensor]:
+        """Means per head (H,) float64: ``attn_entropy_base``, ``attn_entropy_sft``, ``attn_js``."""
+        n = self._count()
+        return {
+            "attn_entropy_base": self.ent_base / n,
+            "attn_entropy_sft": self.ent_sft / n,
+            "attn_js": self.js / n,
+        }

@@ -1,0 +1,140 @@
+"""Stream tensors out of a checkpoint folder, one at a time.
+
+Reads sharded safetensors (``model.safetensors.index.json``) or single files through
+``safetensors.safe_open`` (memory-mapped), so looking at one tensor never loads the model.
+GGUF files are first resolved to their cached safetensors conversion
+(:func:`sftlens.models.loading.resolve_model`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sftlens.errors import SftlensError
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """Parse a safetensors header and check the file holds every byte it promises.
+
+    Returns ``{tensor name: {"dtype", "shape", "data_offsets"}}``. A truncated or corrupt
+    shard raises a one-line :class:`SftlensError` naming the file.
+    """
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if size < 8 or header_len > size - 8:
+                raise ValueError("header length beyond end of file")
+            header: dict[str, Any] = json.loads(f.read(header_len))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SftlensError(
+            f"{path} is not a valid safetensors file ({str(exc)[:80]}); "
+            "re-copy or re-download this shard"
+        ) from None
+    header.pop("__metadata__", None)
+    need = 8 + header_len + max((v["data_offsets"][1] for v in header.values()), default=0)
+    if size < need:
+        raise SftlensError(
+            f"{path} is truncated ({size} bytes, its header promises {need}); "
+            "re-copy or re-download this shard"
+        )
+    return header
+
+
+class CheckpointReader:
+    """Index of ``tensor name -> shard file`` with lazy, one-tensor-at-a-time reads.
+
+    >>> reader = CheckpointReader("path/to/model")            # doctest: +SKIP
+    >>> reader.get("model.layers.0.self_attn.q_proj.weight")   # doctest: +SKIP
+    """
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        config_path = self.folder / "config.json"
+        if not config_path.is_file():
+            raise SftlensError(
+                f"{self.folder} has no config.json; pass a Hugging Face model folder"
+            )
+        try:
+            self.config: dict[str, Any] = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise SftlensError(
+                f"{config_path} is not valid JSON ({exc}); re-copy the file"
+            ) from None
+        self.shard_of = self._index()
+        self._stack = ExitStack()
+        self._handles: dict[Path, Any] = {}
+
+    def _index(self) -> dict[str, Path]:
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise SftlensError(
+                    f"{index} is not a valid safetensors index ({exc}); re-copy the file"
+                ) from None
+            shards = {name: self.folder / file for name, file in weight_map.items()}
+            missing = sorted({p.name for p in shards.values() if not p.is_file()})
+            if missing:
+                raise SftlensError(
+                    f"{self.folder} is missing shard(s) {', '.join(missing)} named in "
+                    f"{index.name}; copy or download the missing files"
+                )
+            for shard in sorted(set(shards.values())):
+                read_header(shard)  # fail now, not halfway through an analysis
+            return shards
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise SftlensError(
+                f"{self.folder} has no *.safetensors files; convert the checkpoint to safetensors "
+                "(pickle *.bin files are not read)"
+            )
+        return {name: f for f in files for name in read_header(f)}
+
+    def _open(self, path: Path) -> Any:
+        from safetensors import safe_open
+
+        if path not in self._handles:
+            self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+        return self._handles[path]
+
+    def keys(self) -> list[str]:
+        return list(self.shard_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.shard_of
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.shard_of:
+            raise SftlensError(f"tensor '{name}' is not in {self.folder}")
+        try:
+            return self._open(self.shard_of[name]).get_tensor(name)
+        except SftlensError:
+            raise
+        except Exception as exc:
+            raise SftlensError(
+                f"could not read '{name}' from {self.shard_of[name]} ({type(exc).__name__}); "
+                "the shard is corrupt: re-copy or re-download it"
+            ) from None
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.shard_of:
+            yield name, self.get(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._stack.close()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

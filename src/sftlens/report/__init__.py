@@ -1,0 +1,1 @@
+"""Plots (matplotlib, headless) and the self-contained HTML report."""

@@ -1,0 +1,66 @@
+"""Assemble ``report.html`` from a run folder's config.json, summary.json, metrics.csv, plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sftlens.io import read_json, read_metrics_csv
+from sftlens.report.html import esc, image, kv_table, layer_table, render, whole_model_table
+
+WEIGHT_COLUMNS = (
+    "dw_q",
+    "dw_k",
+    "dw_v",
+    "dw_o",
+    "dw_attn",
+    "dw_attn_rel",
+    "dw_mlp",
+    "dw_mlp_rel",
+    "dw_norm",
+    "dw_block_rel",
+)
+
+
+def build_report(run: Path) -> Path:
+    config: dict[str, Any] = (
+        read_json(run / "config.json") if (run / "config.json").is_file() else {}
+    )
+    summary: dict[str, Any] = (
+        read_json(run / "summary.json") if (run / "summary.json").is_file() else {}
+    )
+    rows = read_metrics_csv(run / "metrics.csv") if (run / "metrics.csv").is_file() else []
+    sections: list[tuple[str, str]] = []
+
+    models = config.get("models", {})
+    pair = summary.get("pair", {})
+    overview = [("base", models.get("base", "?")), ("sft", models.get("sft", "?"))]
+    overview += [(k, v) for k, v in pair.items()]
+    overview += [(f"version {k}", v) for k, v in config.get("versions", {}).items()]
+    sections.append(("Pair", kv_table(overview)))
+
+    if any(r["metric"].startswith("dw_") for r in rows):
+        w = summary.get("weights", {})
+        body = ""
+        if w:
+            body += (
+                f"<p>Largest attention change at layer {esc(w.get('layer_of_max_dw_attn'))} "
+                f"(relative depth {w.get('relative_depth_of_max_dw_attn', 0):.2f}). "
+                "The shaded band is the middle 20-80% of depth, which the paper finds most stable.</p>"
+            )
+        for name in ("weights_dw.png", "weights_dw_rel.png"):
+            if (run / "plots" / name).is_file():
+                body += image(run / "plots" / name, name)
+        body += layer_table(rows, WEIGHT_COLUMNS)
+        body += "<h3>Embeddings, final norm, LM head, totals</h3>" + whole_model_table(
+            [r for r in rows if r["model"] == "pair" and (r["layer"] is None or r["layer"] < 0)]
+        )
+        sections.append(("Weight change (optimization dynamics)", body))
+
+    files = "".join(
+        f"<li><code>{esc(p.name)}</code></li>"
+        for p in sorted(run.iterdir())
+        if not p.name.startswith(".")
+    )
+    sections.append(("Files in this run", f"<ul>{files}</ul>"))
+    return render("sftlens report", sections, run / "report.html")

@@ -1,0 +1,101 @@
+"""Per-layer curves against relative depth, with the stable middle band (20%-80%) marked.
+
+Relative depth of block ``l`` of ``L`` is ``(l + 0.5) / L``: the centre of the slice of depth it
+occupies, so it falls inside the same fifth that the mask convention assigns it to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+Row = dict[str, Any]
+
+
+def relative_depth(num_layers: int) -> list[float]:
+    return [(i + 0.5) / num_layers for i in range(num_layers)]
+
+
+def series(rows: Sequence[Row], metric: str, model: str = "pair") -> list[float]:
+    """Per-layer values (layers 0..L-1) of one metric for one model; missing layers are nan."""
+    by_layer = {
+        r["layer"]: r["value"]
+        for r in rows
+        if r["metric"] == metric
+        and r["model"] == model
+        and r["layer"] is not None
+        and r["layer"] >= 0
+    }
+    if not by_layer:
+        return []
+    return [by_layer.get(i, float("nan")) for i in range(max(by_layer) + 1)]
+
+
+def plot_layers(
+    path: str | Path,
+    curves: Mapping[str, Sequence[float]],
+    *,
+    title: str,
+    ylabel: str,
+    logy: bool = False,
+    band: tuple[float, float] = (0.2, 0.8),
+) -> Path:
+    """Write one PNG with a line per curve against relative depth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
+    ax.axvspan(
+        *band, color="0.92", zorder=0, label=f"middle {int(band[0] * 100)}-{int(band[1] * 100)}%"
+    )
+    for label, ys in curves.items():
+        if len(ys) == 0:
+            continue
+        ax.plot(
+            relative_depth(len(ys)), list(ys), marker="o", markersize=3, linewidth=1.5, label=label
+        )
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("relative depth (layer + 0.5) / L")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_weights(rows: Sequence[Row], plots_dir: str | Path) -> list[Path]:
+    """dW per projection against depth (absolute and relative)."""
+    plots_dir = Path(plots_dir)
+    out = []
+    absolute = {m: series(rows, f"dw_{m}") for m in ("q", "k", "v", "o", "attn", "mlp")}
+    if any(absolute.values()):
+        out.append(
+            plot_layers(
+                plots_dir / "weights_dw.png",
+                absolute,
+                title="Weight change per layer",
+                ylabel="||W_sft - W_base||_F",
+            )
+        )
+        relative = {m: series(rows, f"dw_{m}_rel") for m in ("attn", "mlp", "q", "k", "v", "o")}
+        out.append(
+            plot_layers(
+                plots_dir / "weights_dw_rel.png",
+                relative,
+                title="Relative weight change per layer",
+                ylabel="||dW||_F / ||W_base||_F",
+            )
+        )
+    return out

@@ -1,0 +1,263 @@
+"""Full-parameter supervised fine-tuning on GSM8K-format data, resumable.
+
+Loss is on answer tokens only (prompt and padding are masked with -100), averaged over the
+answer tokens of each optimizer step. AdamW with linear warmup then cosine decay, gradient
+accumulation, a fixed seed for data order. Every ``save_every`` steps the model, optimizer
+and scheduler are saved to ``OUT/checkpoint-last`` (safetensors + JSON, no pickle); a rerun
+with the same config resumes from there, and a finished run is not trained again.
+
+The output folder is a standard Hugging Face model folder (``config.json``,
+``model.safetensors``, tokenizer files) plus ``trainer_state.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sftlens.config import SFTConfig
+from sftlens.errors import SftlensError
+from sftlens.io import atomic_write_json, config_hash, read_json
+
+log = logging.getLogger("sftlens.sft")
+
+CHECKPOINT = "checkpoint-last"
+# Config fields that do not change the trained weights: ignore them when deciding to resume.
+_NOT_HASHED = {"out", "progress", "save_every", "device"}
+
+
+def _hash(cfg: SFTConfig, model_dir: Path) -> str:
+    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_HASHED}
+    d["model"] = str(model_dir)
+    return config_hash(d)
+
+
+def encode_example(
+    tok: Any, prompt: str, target: str, max_length: int
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels (-100 on the prompt) for one example, EOS appended to the answer."""
+    p = tok(prompt, add_special_tokens=True)["input_ids"]
+    t = tok(target, add_special_tokens=False)["input_ids"]
+    if tok.eos_token_id is not None:
+        t = [*t, tok.eos_token_id]
+    ids = (p + t)[:max_length]
+    labels = ([-100] * len(p) + t)[:max_length]
+    return ids, labels
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch: ``input_ids``/``attention_mask``/``labels`` all (B, T)."""
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (x, y) in enumerate(batch):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def answer_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over positions whose label is not -100."""
+    # logits (B, T, V) predict labels shifted by one
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        labels[:, 1:].flatten(),
+        ignore_index=-100,
+        reduction="sum",
+    )
+
+
+def example_order(n: int, seed: int, position: int) -> int:
+    """Index of the example at global ``position``: a fresh seeded permutation per epoch."""
+    epoch, offset = divmod(position, n)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return int(torch.randperm(n, generator=g)[offset])
+
+
+# -- optimizer state as safetensors + JSON (no pickle) ----------------------------------------
+
+
+def save_optimizer(opt: torch.optim.Optimizer, sched: Any, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, s in state["state"].items():
+        for key, value in s.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous().reshape(-1).clone()
+                scalars.setdefault(str(idx), {})[key] = list(value.shape)
+            else:
+                scalars.setdefault(str(idx), {})[key] = {"value": value}
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    meta = {
+        "param_groups": state["param_groups"],
+        "state": scalars,
+        "scheduler": sched.state_dict(),
+    }
+    atomic_write_json(folder / "optimizer.json", meta)
+
+
+def load_optimizer(opt: torch.optim.Optimizer, sched: Any, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    meta = read_json(folder / "optimizer.json")
+    state: dict[int, dict[str, Any]] = {}
+    for idx, entries in meta["state"].items():
+        s: dict[str, Any] = {}
+        for key, shape in entries.items():
+            s[key] = (
+                shape["value"]
+                if isinstance(shape, dict)
+                else tensors[f"{idx}.{key}"].reshape(shape)
+            )
+        state[int(idx)] = s
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    sched.load_state_dict(meta["scheduler"])
+
+
+# -- the training loop ------------------------------------------------------------------------
+
+
+def train_sft(cfg: SFTConfig) -> Path:
+    """Fine-tune ``cfg.model`` and return the output folder (see module doc)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    from sftlens.data import resolve_dataset
+    from sftlens.data.prompts import format_chat, format_question, format_target
+    from sftlens.models.loading import load_model, resolve_model
+
+    out = Path(cfg.out)
+    model_dir = resolve_model(cfg.model)
+    key = _hash(cfg, model_dir)
+    state_path = out / "trainer_state.json"
+    if state_path.is_file() and read_json(state_path).get("config_hash") == key:
+        log.info("SFT already finished in %s (same config): reusing it", out)
+        return out
+
+    examples = resolve_dataset(cfg.data, split=cfg.split, limit=cfg.max_examples, seed=cfg.seed)
+    ckpt = out / CHECKPOINT
+    resume = (ckpt / "trainer_state.json").is_file() and read_json(ckpt / "trainer_state.json").get(
+        "config_hash"
+    ) == key
+    torch.manual_seed(cfg.seed)
+    model, tok = load_model(ckpt if resume else model_dir, dtype=cfg.dtype, device=cfg.device)
+    model.train()
+    device = next(model.parameters()).device
+
+    def prompt_of(q: str) -> str:
+        return format_chat(tok, q) if cfg.prompt_format == "chat" else format_question(q)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, math.ceil(cfg.warmup_ratio * cfg.steps), cfg.steps)
+    start, history = 0, []
+    if resume:
+        load_optimizer(opt, sched, ckpt)
+        st = read_json(ckpt / "trainer_state.json")
+        start, history = int(st["step"]), list(st["history"])
+        log.info("resuming SFT from step %d in %s", start, ckpt)
+
+    per_step = cfg.batch_size * cfg.grad_accum
+    bar = tqdm(total=cfg.steps, initial=start, desc="sft", unit="step", disable=not cfg.progress)
+    t0 = time.perf_counter()
+    for step in range(start, cfg.steps):
+        micro = []
+        for m in range(cfg.grad_accum):
+            batch = []
+            for j in range(cfg.batch_size):
+                ex = examples[
+                    example_order(len(examples), cfg.seed, step * per_step + m * cfg.batch_size + j)
+                ]
+                batch.append(
+                    encode_example(
+                        tok, prompt_of(ex.question), format_target(ex.answer), cfg.max_length
+                    )
+                )
+            micro.append(collate(batch, tok.pad_token_id))
+        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        if n_tokens == 0:
+            raise SftlensError(
+                f"step {step}: no answer tokens survive --max-length {cfg.max_length}; raise it"
+            )
+        total = 0.0
+        for b in micro:
+            b = {k: v.to(device) for k, v in b.items()}
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            loss = answer_loss_sum(logits, b["labels"]) / n_tokens
+            loss.backward()
+            total += loss.item()
+        if not math.isfinite(total):
+            raise SftlensError(f"SFT loss became {total} at step {step}; lower --lr")
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        history.append(
+            {"step": step + 1, "loss": total, "tokens": n_tokens, "lr": sched.get_last_lr()[0]}
+        )
+        bar.set_postfix(loss=f"{total:.3f}")
+        bar.update(1)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            _save(
+                model,
+                tok,
+                out / CHECKPOINT,
+                {"step": step + 1, "history": history, "config_hash": key},
+                opt,
+                sched,
+            )
+    bar.close()
+    state = {
+        "step": cfg.steps,
+        "history": history,
+        "config_hash": key,
+        "config": dataclasses.asdict(cfg),
+        "base_model": str(model_dir),
+        "train_examples": len(examples),
+        "train_tokens": sum(h["tokens"] for h in history),
+        "seconds_this_run": time.perf_counter() - t0,
+    }
+    _save(model, tok, out, state)
+    shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+    return out
+
+
+def _save(
+    model: Any, tok: Any, folder: Path, state: dict[str, Any], opt: Any = None, sched: Any = None
+) -> None:
+    """Save model + tokenizer (+ optimizer) into ``folder`` through a temp folder and rename.
+
+    ``trainer_state.json`` is written last: its presence marks a complete save.
+    """
+    if folder.name == CHECKPOINT:
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if opt is not None:
+            save_optimizer(opt, sched, tmp)
+        atomic_write_json(tmp / "trainer_state.json", state)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+        return
+    # final output: the folder may already hold checkpoint-last; write files, state last
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "trainer_state.json").unlink(missing_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    atomic_write_json(folder / "trainer_state.json", state)
+    atomic_write_json(folder / "sftlens_sft.json", state["config"])

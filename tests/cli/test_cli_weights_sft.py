@@ -1,0 +1,154 @@
+"""The CLI end to end on a tiny pair: weights, sft (with resume), report; errors are one line."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sftlens.cli import main
+
+
+def test_weights_cli_writes_run_folder_and_resumes(tiny_pair, tmp_path, capsys):
+    base, sft = tiny_pair
+    out = tmp_path / "run"
+    assert main(["weights", str(base), str(sft), "--out", str(out), "--no-progress"]) == 0
+    for name in (
+        "config.json",
+        "metrics.csv",
+        "summary.json",
+        "report.html",
+        "plots/weights_dw.png",
+    ):
+        assert (out / name).is_file(), name
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["model", "layer", "metric", "value"]
+    metrics = {r["metric"] for r in rows}
+    assert {
+        "dw_q",
+        "dw_k",
+        "dw_v",
+        "dw_o",
+        "dw_attn",
+        "dw_mlp",
+        "dw_attn_rel",
+        "dw_mlp_rel",
+    } <= metrics
+    assert {r["layer"] for r in rows if r["metric"] == "dw_attn"} == {str(i) for i in range(5)}
+    assert any(r["metric"] == "dw_embed" and r["layer"] == "-1" for r in rows)
+    assert any(r["metric"] == "dw_total" and r["layer"] == "" for r in rows)
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "dw_attn" in html
+    # rerun: the step is skipped (same fingerprints) and the table is unchanged
+    before = (out / "metrics.csv").read_bytes()
+    cfg_before = (out / "config.json").read_text()
+    assert main(["weights", str(base), str(sft), "--out", str(out), "--no-progress"]) == 0
+    assert (out / "metrics.csv").read_bytes() == before
+    assert '"seconds"' in cfg_before
+
+
+def test_cli_error_is_one_line(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "weights",
+                str(tmp_path / "nope"),
+                str(tmp_path / "nope2"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: model '") and "aliases:" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_help_runs_without_heavy_imports():
+    code = "import sys; from sftlens.cli import build_parser; build_parser(); print('transformers' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "False False"
+
+
+def _sft_args(model, out, steps=4):
+    return [
+        "sft",
+        str(model),
+        "--out",
+        str(out),
+        "--data",
+        "synthetic",
+        "--max-examples",
+        "16",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "1e-3",
+        "--save-every",
+        "2",
+        "--max-length",
+        "64",
+        "--no-progress",
+    ]
+
+
+def test_sft_trains_saves_and_resumes_bit_exactly(tiny_pair, tmp_path, monkeypatch):
+    base, _ = tiny_pair
+    full = tmp_path / "full"
+    assert main(_sft_args(base, full)) == 0
+    state = (full / "trainer_state.json").read_text()
+    assert '"step": 4' in state and not (full / "checkpoint-last").exists()
+    trained = load_file(full / "model.safetensors")
+    original = load_file(base / "model.safetensors")
+    assert any(not torch.equal(trained[k], original[k]) for k in original)
+
+    # crash after step 3 of 4; the checkpoint from step 2 remains; a rerun resumes from it
+    crashed = tmp_path / "crashed"
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", flaky)
+    assert main(_sft_args(base, crashed)) == 130
+    assert (crashed / "checkpoint-last" / "optimizer.safetensors").is_file()
+    assert not (crashed / "trainer_state.json").exists()
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert main(_sft_args(base, crashed)) == 0
+    resumed = load_file(crashed / "model.safetensors")
+    for k in trained:
+        torch.testing.assert_close(resumed[k], trained[k], rtol=1e-5, atol=1e-6)
+
+    # a finished run with the same config is reused, not retrained
+    mtime = (full / "model.safetensors").stat().st_mtime_ns
+    assert main(_sft_args(base, full)) == 0
+    assert (full / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_sft_refuses_test_split(tiny_pair, tmp_path, capsys):
+    base, _ = tiny_pair
+    assert main(["sft", str(base), "--split", "test", "--out", str(tmp_path)]) == 2
+    assert "refuses to train on the test split" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [["--steps", "0"], ["--lr", "-1"], ["--prompt-format", "xml"]])
+def test_sft_config_validation(tiny_pair, tmp_path, capsys, bad):
+    base, _ = tiny_pair
+    assert main(["sft", str(base), "--out", str(tmp_path), *bad]) == 2
+    assert capsys.readouterr().err.startswith("error: --")

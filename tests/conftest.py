@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random models built from configs, saved as real checkpoint folders.
+
+Nothing here downloads anything. The tiny "SFT" model is the base with known perturbations,
+so tests can predict what the analysis must find.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GSM8K_DIR = REPO.parent / "shared" / "data" / "gsm8k"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+from tiny_models import perturb, save_model, tiny_llama_config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """(base, sft) folders of a 5-layer Llama; SFT changes layers 3 and 4 most (J-shape)."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny_pair")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config())
+    base = save_model(model, root / "base")
+    perturb(model, {0: 0.01, 1: 0.001, 2: 0.001, 3: 0.02, 4: 0.05})
+    sft = save_model(model, root / "sft")
+    return base, sft
+
+
+@pytest.fixture(scope="session")
+def gsm8k_dir() -> Path:
+    if not (GSM8K_DIR / "test.jsonl").is_file():
+        pytest.skip("GSM8K not found at ../shared/data/gsm8k")
+    return GSM8K_DIR

@@ -1,0 +1,195 @@
+"""Streaming accumulators agree with the one-shot functions and survive all_reduce_."""
+
+from __future__ import annotations
+
+import doctest
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from sftlens.errors import SftlensError
+from sftlens.metrics import accumulators
+from sftlens.metrics.accumulators import (
+    AttentionStats,
+    PairMoments,
+    PooledRows,
+    PromptEntropy,
+    StreamingCKA,
+)
+from sftlens.metrics.attention import attention_entropy, attention_js
+from sftlens.metrics.geometry import linear_cka, mean_cosine_similarity, mean_shift, unbiased_cka
+from sftlens.metrics.information import effective_rank, matrix_entropy
+
+
+def _tokens(n: int = 90, d1: int = 6, d2: int = 5, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d1, generator=g) * 3.0 + 10.0  # large mean: algebraic centring must hold
+    y = torch.sin(x[:, :d2]) + 0.5 * x[:, :d2] + 0.3 * torch.randn(n, d2, generator=g)
+    return x, y  # float32
+
+
+def _attn(b: int, h: int, t: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(2.0 * torch.randn(b, h, t, t, generator=g), dim=-1)
+
+
+def _all_accumulators() -> list:
+    x, y = _tokens()
+    cka, pair, prompt, attn = StreamingCKA(6, 5), PairMoments(5), PromptEntropy(), AttentionStats(2)
+    cka.update(x, y)
+    pair.update(x[:, :5], y)
+    prompt.update(x[:7])
+    attn.update(_attn(1, 2, 4, 0), _attn(1, 2, 4, 1))
+    pooled = PooledRows(6)
+    pooled.update(x[:9])
+    return [cka, pair, prompt, attn, pooled]
+
+
+def _results(accs: list) -> list:
+    out = []
+    for acc in accs:
+        value = acc.compute()
+        out.append(
+            {k: np.asarray(v) for k, v in value.items()} if isinstance(value, dict) else value
+        )
+    return out
+
+
+def test_streaming_cka_over_chunks_equals_gram_form() -> None:
+    x, y = _tokens()
+    acc = StreamingCKA(6, 5)
+    for lo, hi in [(0, 7), (7, 40), (40, 41), (41, 90)]:
+        acc.update(x[lo:hi], y[lo:hi])
+    expected = float(linear_cka(x, y))
+    assert abs(acc.compute() - expected) < 1e-10
+    assert 0.1 < expected < 0.99
+    assert acc.sxx.dtype == torch.float64 and acc.sxx.shape == (6, 6)  # O(d^2), not O(tokens)
+    with pytest.raises(SftlensError, match="widths"):
+        acc.update(y, x)
+
+
+def test_pair_moments_match_one_shot() -> None:
+    x, y = _tokens(d1=5)
+    acc = PairMoments(5)
+    acc.update(x[:50], y[:50])
+    acc.update(x[50:], y[50:])
+    got = acc.compute()
+    shift, rel = mean_shift(x, y)
+    assert got["cosine"] == pytest.approx(float(mean_cosine_similarity(x, y)), abs=1e-12)
+    assert got["mean_shift"] == pytest.approx(float(shift), abs=1e-10)
+    assert got["mean_shift_rel"] == pytest.approx(float(rel), abs=1e-12)
+
+
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_prompt_entropy_is_the_mean_over_prompts(preset: str) -> None:
+    x, _ = _tokens()
+    prompts = [x[:4], x[4:13], x[13:20]]
+    acc = PromptEntropy(alpha=2.0, preset=preset)  # type: ignore[arg-type]
+    for z in prompts:
+        acc.update(z)
+    raw = [float(matrix_entropy(z, 2.0, preset=preset)) for z in prompts]  # type: ignore[arg-type]
+    norm = [float(matrix_entropy(z, 2.0, preset=preset, normalized=True)) for z in prompts]  # type: ignore[arg-type]
+    got = acc.compute()
+    assert got["prompt_entropy"] == pytest.approx(np.mean(raw), abs=1e-12)
+    assert got["prompt_entropy_norm"] == pytest.approx(np.mean(norm), abs=1e-12)
+    with pytest.raises(SftlensError, match="alpha"):
+        PromptEntropy(alpha=0.0)
+
+
+def test_pooled_rows_dataset_statistics_and_cka() -> None:
+    x, y = _tokens(n=12, d2=6)
+    base, sft = PooledRows(6), PooledRows(6)
+    for i in range(12):
+        base.update(x[i])  # one (d,) vector per prompt
+    sft.update(y[:5])
+    sft.update(y[5:])
+    assert base.rows.dtype == torch.float64 and base.rows.shape == (12, 6)
+    got = base.compute()
+    assert got["dataset_entropy"] == pytest.approx(float(matrix_entropy(x)), abs=1e-12)
+    assert got["dataset_entropy_norm"] == pytest.approx(float(matrix_entropy(x, normalized=True)))
+    assert got["erank"] == pytest.approx(float(effective_rank(x)), abs=1e-12)
+    assert got["erank_sigma2"] == pytest.approx(float(effective_rank(x, variant="sigma2")))
+    assert got["erank"] != pytest.approx(got["erank_sigma2"])
+    assert base.cka(sft) == pytest.approx(float(linear_cka(x, y)), abs=1e-12)
+    assert base.cka(sft, unbiased=True) == pytest.approx(float(unbiased_cka(x, y)), abs=1e-12)
+    with pytest.raises(SftlensError, match="width"):
+        base.update(torch.ones(5))
+
+
+def test_attention_stats_match_one_shot() -> None:
+    b1, b2 = _attn(2, 2, 5, 0), _attn(3, 2, 5, 1)
+    s1, s2 = _attn(2, 2, 5, 2), _attn(3, 2, 5, 3)
+    m1 = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])  # HF-style integer attention_mask
+    m2 = torch.ones(3, 5, dtype=torch.long)
+    acc = AttentionStats(2)
+    acc.update(b1, s1, m1)
+    acc.update(b2, s2, m2)
+    got = acc.compute()
+    base, sft, mask = torch.cat([b1, b2]), torch.cat([s1, s2]), torch.cat([m1, m2])
+    torch.testing.assert_close(got["attn_entropy_base"], attention_entropy(base, mask))
+    torch.testing.assert_close(got["attn_entropy_sft"], attention_entropy(sft, mask))
+    torch.testing.assert_close(got["attn_js"], attention_js(base, sft, mask))
+    assert got["attn_js"].dtype == torch.float64
+    with pytest.raises(SftlensError, match="head count"):
+        acc.update(_attn(1, 3, 5, 0), _attn(1, 3, 5, 0))
+
+
+def test_compute_before_update_raises() -> None:
+    for acc in (
+        StreamingCKA(2, 2),
+        PairMoments(2),
+        PromptEntropy(),
+        AttentionStats(1),
+        PooledRows(2),
+    ):
+        with pytest.raises(SftlensError, match="before any update"):
+            acc.compute()
+
+
+def test_all_reduce_is_a_noop_without_process_group() -> None:
+    assert not dist.is_initialized()
+    accs = _all_accumulators()
+    before = _results(accs)
+    for acc in accs:
+        acc.all_reduce_()
+    for a, b in zip(before, _results(accs)):
+        if isinstance(a, dict):
+            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+        else:
+            assert a == b
+
+
+def test_all_reduce_in_a_one_rank_process_group(tmp_path: Path) -> None:
+    if not dist.is_available():
+        pytest.skip("torch.distributed not built")
+    accs = _all_accumulators()
+    before = _results(accs)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        for acc in accs:
+            acc.all_reduce_()  # sums (or gathers) over the single rank: values unchanged
+    finally:
+        dist.destroy_process_group()
+    for a, b in zip(before, _results(accs)):
+        if isinstance(a, dict):
+            assert all(np.allclose(a[k], b[k], rtol=0, atol=1e-12) for k in a)
+        else:
+            assert a == pytest.approx(b, abs=1e-12)
+
+
+def test_float32_input_gives_float64_state_and_output() -> None:
+    acc = AttentionStats(2)
+    acc.update(_attn(1, 2, 3, 0).half(), _attn(1, 2, 3, 1).half())
+    assert all(v.dtype == torch.float64 for v in acc.compute().values())
+    cka = StreamingCKA(6, 5)
+    cka.update(*_tokens())
+    assert all(getattr(cka, n).dtype == torch.float64 for n in StreamingCKA._state)
+
+
+def test_docstring_examples() -> None:
+    assert doctest.testmod(accumulators, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0

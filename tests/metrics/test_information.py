@@ -1,0 +1,167 @@
+"""Matrix entropy and effective rank against independent numpy/scipy computations."""
+
+from __future__ import annotations
+
+import doctest
+import itertools
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from scipy.stats import ortho_group
+
+from sftlens.errors import SftlensError
+from sftlens.metrics import information
+from sftlens.metrics.information import (
+    alpha_entropy_from_eigenvalues,
+    effective_rank,
+    gram_eigenvalues,
+    matrix_entropy,
+    normalize_rows,
+)
+
+
+def _rand(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) * torch.linspace(0.2, 3.0, d)  # float32, anisotropic
+
+
+def _np_prepare(z: np.ndarray, center: bool) -> np.ndarray:
+    z = z.astype(np.float64)
+    if center:
+        z = z - z.mean(axis=0)
+    norms = np.linalg.norm(z, axis=1, keepdims=True)
+    return np.divide(z, norms, out=np.zeros_like(z), where=norms > 0)
+
+
+def _np_spectrum(z: np.ndarray, center: bool, ridge: float = 0.0, scale_by_d: bool = False):
+    zn = _np_prepare(z, center)
+    g = zn @ zn.T  # always the n x n Gram here
+    if scale_by_d:
+        g = g / zn.shape[1]
+    g = g + ridge * np.eye(zn.shape[0])
+    lam = np.sort(np.linalg.eigvalsh(g))[::-1]
+    if not scale_by_d:  # no ridge in these calls: zero out rounding noise (matrix_rank's tolerance)
+        lam[lam <= min(zn.shape) * np.finfo(np.float64).eps * lam[0]] = 0.0
+    return lam / lam.sum()
+
+
+def _np_entropy(lam: np.ndarray, alpha: float) -> float:
+    lam = lam[lam > 0] / lam.sum()
+    if alpha == 1.0:
+        return float(-(lam * np.log(lam)).sum())
+    return float(np.log((lam**alpha).sum()) / (1.0 - alpha))
+
+
+def test_normalize_rows_matches_numpy_and_keeps_zero_rows() -> None:
+    z = _rand(7, 5)
+    z[3] = 0.0
+    out = normalize_rows(z)
+    assert out.dtype == torch.float64 and out.shape == (7, 5)
+    np.testing.assert_allclose(out.numpy(), _np_prepare(z.numpy(), True), atol=1e-12)
+    raw = normalize_rows(z, center=False)
+    assert torch.all(raw[3] == 0)
+    np.testing.assert_allclose(torch.linalg.norm(raw[[0, 1, 2, 4, 5, 6]], dim=1), 1.0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("n", "d"), [(6, 9), (12, 4)])
+def test_gram_eigenvalues_match_numpy(n: int, d: int) -> None:
+    z = _rand(n, d, seed=n)
+    lam = gram_eigenvalues(z)
+    assert lam.dtype == torch.float64 and lam.numel() == min(n, d)
+    assert torch.all(lam >= 0) and abs(float(lam.sum()) - 1.0) < 1e-12
+    expected = _np_spectrum(z.numpy(), center=True)[: min(n, d)]
+    np.testing.assert_allclose(lam.numpy(), expected, atol=1e-12)
+
+
+def test_gram_ridge_and_scale_by_d_use_the_n_by_n_gram() -> None:
+    z = _rand(8, 3, seed=1)  # n > d: the ridge lifts the n - d null directions
+    lam = gram_eigenvalues(z, center=False, ridge=0.05, scale_by_d=True)
+    expected = _np_spectrum(z.numpy(), center=False, ridge=0.05, scale_by_d=True)
+    assert lam.numel() == 8
+    np.testing.assert_allclose(lam.numpy(), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0, 3.7])
+@pytest.mark.parametrize(("n", "d"), [(5, 9), (11, 4)])
+def test_matrix_entropy_matches_numpy(alpha: float, n: int, d: int) -> None:
+    z = _rand(n, d, seed=3)
+    got = matrix_entropy(z, alpha)
+    assert got.dtype == torch.float64
+    assert float(got) == pytest.approx(_np_entropy(_np_spectrum(z.numpy(), True), alpha), abs=1e-10)
+    paper = _np_entropy(_np_spectrum(z.numpy(), False, 1e-6, True), alpha)
+    assert float(matrix_entropy(z, alpha, preset="paper")) == pytest.approx(paper, abs=1e-10)
+    norm = matrix_entropy(z, alpha, normalized=True)
+    assert float(norm) == pytest.approx(float(got) / math.log(min(n, d)), abs=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.3, 1.0, 2.0, math.inf])
+def test_uniform_spectrum_has_entropy_log_n(alpha: float) -> None:
+    assert float(alpha_entropy_from_eigenvalues(torch.ones(7), alpha)) == pytest.approx(math.log(7))
+    m = 5
+    q = torch.from_numpy(ortho_group.rvs(m, random_state=0))
+    z = torch.cat([q, -q])  # centred already; 2m rows on m orthogonal directions: uniform spectrum
+    assert float(matrix_entropy(z, alpha)) == pytest.approx(math.log(m), abs=1e-10)
+    assert float(matrix_entropy(z, alpha, normalized=True)) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_alpha_entropy_continuous_at_one_and_decreasing() -> None:
+    lam = gram_eigenvalues(_rand(9, 6, seed=4))
+    s1 = float(alpha_entropy_from_eigenvalues(lam, 1.0))
+    for a in (1 - 1e-6, 1 + 1e-6):
+        assert abs(float(alpha_entropy_from_eigenvalues(lam, a)) - s1) < 1e-5
+    values = [float(alpha_entropy_from_eigenvalues(lam, a)) for a in (0.5, 1.0, 2.0, math.inf)]
+    assert all(a > b for a, b in itertools.pairwise(values))
+    assert values[-1] == pytest.approx(-math.log(float(lam.max())))
+
+
+@pytest.mark.parametrize("alpha", [0.0, -1.0, float("nan")])
+def test_alpha_must_be_positive(alpha: float) -> None:
+    with pytest.raises(SftlensError, match="alpha"):
+        alpha_entropy_from_eigenvalues(torch.ones(3), alpha)
+    with pytest.raises(SftlensError, match="alpha"):
+        matrix_entropy(_rand(4, 3), alpha)
+
+
+def test_bad_inputs_raise() -> None:
+    with pytest.raises(SftlensError, match="matrix"):
+        matrix_entropy(torch.ones(5))
+    with pytest.raises(SftlensError, match="NaN"):
+        matrix_entropy(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+    with pytest.raises(SftlensError, match="preset"):
+        matrix_entropy(_rand(4, 3), preset="other")  # type: ignore[arg-type]
+    with pytest.raises(SftlensError, match=">= 0"):
+        alpha_entropy_from_eigenvalues(torch.tensor([0.5, -0.1]))
+
+
+def test_degenerate_sizes() -> None:
+    assert float(matrix_entropy(_rand(6, 1), normalized=True)) == 0.0  # min(n, d) == 1
+    assert float(matrix_entropy(_rand(1, 4))) == 0.0  # one row: no spread after centring
+    assert float(effective_rank(torch.ones(4, 3))) == 0.0  # zero after centring
+
+
+@pytest.mark.parametrize(("n", "d"), [(10, 4), (4, 10), (7, 7)])
+def test_effective_rank_matches_scipy_and_is_bounded(n: int, d: int) -> None:
+    z = _rand(n, d, seed=n + d) + 5.0
+    x = z.numpy().astype(np.float64)
+    sigma = scipy.linalg.svdvals(x - x.mean(axis=0))
+    for variant, w in (("roy_vetterli", sigma), ("sigma2", sigma**2)):
+        p = w / w.sum()
+        expected = math.exp(-(p * np.log(p)).sum())
+        got = effective_rank(z, variant=variant)  # type: ignore[arg-type]
+        assert got.dtype == torch.float64
+        assert float(got) == pytest.approx(expected, rel=1e-10)
+        assert 1.0 <= float(got) <= min(n, d)
+
+
+@pytest.mark.parametrize("variant", ["roy_vetterli", "sigma2"])
+def test_effective_rank_of_orthonormal_rows_is_their_rank(variant: str) -> None:
+    q = torch.from_numpy(ortho_group.rvs(8, random_state=1))[:3]  # 3 orthonormal rows in R^8
+    assert float(effective_rank(q, variant=variant, center=False)) == pytest.approx(3.0)  # type: ignore[arg-type]
+    assert float(effective_rank(torch.cat([q, -q]), variant=variant)) == pytest.approx(3.0)  # type: ignore[arg-type]
+
+
+def test_docstring_examples() -> None:
+    assert doctest.testmod(information, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0

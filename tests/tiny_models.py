@@ -1,0 +1,84 @@
+"""Builders for tiny random models and tokenizers (importable from any test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def tiny_llama_config(**overrides: object):
+    from transformers import LlamaConfig
+
+    kw: dict = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def tiny_tokenizer(vocab_size: int = 128):
+    """A word-level fast tokenizer over a fixed small vocabulary (no files needed)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<unk>"] + [str(i) for i in range(10)]
+    words += [
+        "Question",
+        "Answer",
+        ":",
+        "?",
+        ".",
+        ",",
+        "####",
+        "+",
+        "-",
+        "*",
+        "/",
+        "=",
+        "$",
+        "the",
+        "a",
+        "is",
+        "of",
+        "and",
+        "to",
+        "how",
+        "many",
+    ]
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    vocab = {w: i for i, w in enumerate(words[:vocab_size])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.Punctuation(),
+        ]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def save_model(model, folder: Path, tokenizer=None, **kwargs) -> Path:
+    model.save_pretrained(folder, safe_serialization=True, **kwargs)
+    (tokenizer or tiny_tokenizer(model.config.vocab_size)).save_pretrained(folder)
+    return folder
+
+
+def perturb(model, layers: dict[int, float], seed: int = 1) -> None:
+    """Add noise of the given scale to the attention projections of the given layers."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer, scale in layers.items():
+            attn = model.model.layers[layer].self_attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                proj.weight.add_(scale * torch.randn(proj.weight.shape, generator=g))
