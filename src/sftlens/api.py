@@ -11,11 +11,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from sftlens.config import DemoConfig, SFTConfig, WeightsConfig
+from sftlens.config import AnalyzeConfig, DemoConfig, SFTConfig, WeightsConfig
 from sftlens.models.loading import load_model, resolve_model
 from sftlens.run import RunFolder, fingerprint
 
-__all__ = ["demo", "load_model", "report", "resolve_model", "sft", "weights"]
+__all__ = ["analyze", "demo", "load_model", "report", "resolve_model", "sft", "weights"]
 
 
 def weights(base: str, sft: str, **options: Any) -> Path:
@@ -67,6 +67,143 @@ def _weights_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "relative_depth_of_max_dw_attn": (top + 0.5) / len(attn),
         "dw_total": next((r["value"] for r in rows if r["metric"] == "dw_total"), None),
     }
+
+
+def analyze(base: str, sft: str, **options: Any) -> Path:
+    """Hidden-state and attention metrics of BASE vs SFT over a dataset; returns the run folder.
+
+    Options are the fields of :class:`sftlens.config.AnalyzeConfig` (``data``, ``max_prompts``, ...).
+    """
+    return run_analyze(AnalyzeConfig(base=base, sft=sft, **options))
+
+
+_ANALYZE_NOT_HASHED = {"base", "sft", "out", "progress", "device", "allow_pickle"}
+_STATE = ".analyze_state"
+
+
+def run_analyze(cfg: AnalyzeConfig, run: RunFolder | None = None) -> Path:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from sftlens.data import resolve_dataset
+    from sftlens.data.prompts import format_question, format_target
+    from sftlens.distributed import init_from_env, is_main
+    from sftlens.io import atomic_write_json, config_hash, read_json, write_rows_csv
+    from sftlens.models.checkpoint import CheckpointReader
+    from sftlens.models.pair import check_pair
+    from sftlens.report.plots import plot_representations
+    from sftlens.representations import RepresentationPass, run_pass
+
+    rank, world = init_from_env()
+    run = run or RunFolder(cfg.out)
+    base_dir = resolve_model(cfg.base, allow_pickle=cfg.allow_pickle)
+    sft_dir = resolve_model(cfg.sft, allow_pickle=cfg.allow_pickle)
+    info = check_pair(CheckpointReader(base_dir).config, CheckpointReader(sft_dir).config)
+    examples = resolve_dataset(cfg.data, split=cfg.split, limit=cfg.max_prompts)
+    texts = [
+        format_question(e.question) + (format_target(e.answer) if cfg.text == "qa" else "")
+        for e in examples
+    ]
+    prints = {"base": fingerprint(base_dir), "sft": fingerprint(sft_dir)}
+    if is_main():
+        run.save_config(
+            models={"base": cfg.base, "sft": cfg.sft},
+            fingerprints=prints,
+            analyze=dataclasses.asdict(cfg),
+        )
+    inputs = {
+        "fingerprints": {k: v["files"] for k, v in prints.items()},
+        "config": {
+            k: v for k, v in dataclasses.asdict(cfg).items() if k not in _ANALYZE_NOT_HASHED
+        },
+        "texts": config_hash(texts),
+    }
+    key = config_hash(inputs)
+
+    def compute() -> list[dict[str, Any]]:
+        attn = "eager" if cfg.attention else None
+        base, tok = load_model(
+            base_dir, dtype=cfg.dtype, device=cfg.device, attn_implementation=attn
+        )
+        sft_model, _ = load_model(
+            sft_dir, dtype=cfg.dtype, device=cfg.device, attn_implementation=attn
+        )
+        acc = RepresentationPass(
+            num_layers=info.num_layers,
+            hidden=info.hidden_size,
+            num_heads=_heads(base.config),
+            alpha=cfg.alpha,
+            preset=cfg.preset,  # type: ignore[arg-type]  # validated by AnalyzeConfig
+            pooling=cfg.pooling,
+            attention=cfg.attention,
+        )
+        state_file, meta_file = run.path / f"{_STATE}.safetensors", run.path / f"{_STATE}.json"
+        start = 0
+        if world == 1 and meta_file.is_file() and read_json(meta_file).get("key") == key:
+            acc.load_state_dict(load_file(str(state_file)))
+            start = int(read_json(meta_file)["next_batch"])
+
+        def checkpoint(i: int, state: RepresentationPass) -> None:
+            if world == 1 and (i + 1) % 8 == 0:  # every 8 batches: a crash loses little
+                tmp = state_file.with_suffix(".tmp")
+                save_file({k: v.contiguous() for k, v in state.state_dict().items()}, str(tmp))
+                tmp.replace(state_file)
+                atomic_write_json(meta_file, {"key": key, "next_batch": i + 1})
+
+        with torch.inference_mode():
+            run_pass(
+                base,
+                sft_model,
+                tok,
+                texts,
+                batch_size=cfg.batch_size,
+                max_length=cfg.max_length,
+                truncate=cfg.truncate,
+                padding_side=cfg.padding_side,
+                progress=cfg.progress and is_main(),
+                rank=rank,
+                world_size=world,
+                state=acc,
+                start_batch=start,
+                on_batch=checkpoint,
+            )
+        acc.all_reduce_()
+        rows, heads = acc.rows()
+        if is_main():
+            write_rows_csv(
+                run.path / "heads.csv", heads, ("model", "layer", "head", "metric", "value")
+            )
+            run.write_summary(
+                {"pair": dataclasses.asdict(info), "analyze": _analyze_summary(rows, len(texts))}
+            )
+        state_file.unlink(missing_ok=True)
+        meta_file.unlink(missing_ok=True)
+        return rows
+
+    rows = run.step("analyze", inputs, compute, write=is_main())
+    if is_main():
+        plot_representations(rows, run.path / "plots")
+        report(run.path)
+    return run.path
+
+
+def _heads(config: Any) -> int:
+    from sftlens.models import surgery
+
+    return surgery.num_heads(config)
+
+
+def _analyze_summary(rows: list[dict[str, Any]], n_prompts: int) -> dict[str, Any]:
+    from sftlens.report.plots import series
+
+    cka = series(rows, "cka")
+    out: dict[str, Any] = {"prompts": n_prompts, "cka_by_layer": cka}
+    for threshold in (0.98, 0.9):
+        first = next((i for i, v in enumerate(cka) if v < threshold), None)
+        out[f"cka_first_below_{threshold}"] = (
+            None if first is None else {"layer": first, "relative_depth": (first + 0.5) / len(cka)}
+        )
+    return out
 
 
 def sft(model: str, **options: Any) -> Path:

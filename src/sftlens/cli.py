@@ -11,7 +11,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sftlens.config import DemoConfig, SFTConfig, WeightsConfig, add_arguments, from_namespace
+from sftlens.config import (
+    AnalyzeConfig,
+    DemoConfig,
+    SFTConfig,
+    WeightsConfig,
+    add_arguments,
+    from_namespace,
+)
 from sftlens.errors import SftlensError
 
 
@@ -19,6 +26,12 @@ def _weights(ns: argparse.Namespace) -> Any:
     from sftlens import api
 
     return api.run_weights(from_namespace(WeightsConfig, ns))
+
+
+def _analyze(ns: argparse.Namespace) -> Any:
+    from sftlens import api
+
+    return api.run_analyze(from_namespace(AnalyzeConfig, ns))
 
 
 def _sft(ns: argparse.Namespace) -> Any:
@@ -51,6 +64,11 @@ COMMANDS: dict[str, tuple[type | None, Callable[[argparse.Namespace], Any], str]
         WeightsConfig,
         _weights,
         "per-layer weight distances between BASE and SFT (streamed)",
+    ),
+    "analyze": (
+        AnalyzeConfig,
+        _analyze,
+        "hidden-state and attention metrics of BASE vs SFT (one streaming pass)",
     ),
     "sft": (SFTConfig, _sft, "full-parameter SFT on GSM8K-format data (resumable)"),
     "report": (None, _report, "rebuild report.html of a run folder"),

@@ -172,3 +172,52 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         _check(self.sft_steps >= 1, f"--sft-steps must be >= 1, got {self.sft_steps}")
+
+
+@dataclass
+class AnalyzeConfig:
+    """``sftlens analyze BASE SFT``: hidden-state and attention metrics in one streaming pass."""
+
+    base: str = arg(help="BASE model: folder, .gguf file, hub id or alias", positional=True)
+    sft: str = arg(help="SFT model: folder, .gguf file, hub id or alias", positional=True)
+    out: str = arg("runs/analyze", help="run folder")
+    data: str = arg("auto", help="jsonl file, folder, 'gsm8k', 'synthetic' or 'auto'")
+    split: str = arg("test", help="split whose prompts are analysed")
+    max_prompts: int = arg(256, help="number of prompts (first N of the split)")
+    text: str = arg("qa", help="'qa' (question and worked answer) or 'question' (prompt only)")
+    batch_size: int = arg(8, help="prompts per forward pass")
+    max_length: int = arg(512, help="tokens per prompt; longer ones are truncated (or refused)")
+    truncate: bool = arg(True, help="truncate prompts longer than --max-length (else refuse)")
+    padding_side: str = arg("right", help="'right' or 'left' (the numbers do not depend on it)")
+    alpha: float = arg(1.0, help="order of the matrix alpha-entropy (> 0)")
+    preset: str = arg("default", help="'default' (SPEC) or 'paper' (the paper code's conventions)")
+    pooling: str = arg("mean", help="one vector per prompt for dataset metrics: 'mean' or 'last'")
+    attention: bool = arg(
+        True, help="attention entropy and base-vs-SFT JS divergence (eager attention)"
+    )
+    dtype: str = arg("float32", help="model dtype (reductions are float64 regardless)")
+    device: str = arg("auto", help="'auto', 'cpu' or 'cuda'")
+    allow_pickle: bool = arg(False, help="allow reading pickle (*.bin) checkpoints you trust")
+    progress: bool = arg(True, help="show progress bars")
+
+    def __post_init__(self) -> None:
+        _check(self.max_prompts >= 1, f"--max-prompts must be >= 1, got {self.max_prompts}")
+        _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        _check(self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
+        _check(
+            self.text in ("qa", "question"), f"--text must be 'qa' or 'question', got '{self.text}'"
+        )
+        _check(
+            self.padding_side in ("left", "right"),
+            f"--padding-side must be 'left' or 'right', got '{self.padding_side}'",
+        )
+        _check(self.alpha > 0, f"--alpha must be > 0, got {self.alpha}")
+        _check(
+            self.preset in ("default", "paper"),
+            f"--preset must be 'default' or 'paper', got '{self.preset}'",
+        )
+        _check(
+            self.pooling in ("mean", "last"),
+            f"--pooling must be 'mean' or 'last', got '{self.pooling}'",
+        )
+        _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got '{self.dtype}'")

@@ -88,6 +88,25 @@ def write_metrics_csv(path: str | os.PathLike[str], rows: Iterable[Mapping[str, 
     return atomic_write_text(path, buf.getvalue())
 
 
+def write_rows_csv(
+    path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]], columns: tuple[str, ...]
+) -> Path:
+    """Write dict rows as a CSV with the given columns (None -> empty cell), atomically."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    for r in rows:
+        w.writerow(
+            [
+                ""
+                if r.get(c) is None
+                else (format_value(r[c]) if isinstance(r[c], float) else r[c])
+                for c in columns
+            ]
+        )
+    return atomic_write_text(path, buf.getvalue())
+
+
 def read_metrics_csv(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Read ``metrics.csv`` back into dicts (layer as int or None, value as float)."""
     out: list[dict[str, Any]] = []

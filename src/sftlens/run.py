@@ -60,9 +60,16 @@ class RunFolder:
 
     # -- resume -------------------------------------------------------------------------------
     def step(
-        self, name: str, inputs: Mapping[str, Any], compute: Callable[[], list[Row]]
+        self,
+        name: str,
+        inputs: Mapping[str, Any],
+        compute: Callable[[], list[Row]],
+        write: bool = True,
     ) -> list[Row]:
-        """Run ``compute`` unless step ``name`` already finished with the same ``inputs``."""
+        """Run ``compute`` unless step ``name`` already finished with the same ``inputs``.
+
+        ``write=False`` (non-zero ranks of a distributed run) computes without writing.
+        """
         key = config_hash(inputs)
         done = self.state["steps"].get(name)
         if done and done.get("hash") == key and (self.path / "metrics.csv").is_file():
@@ -71,6 +78,8 @@ class RunFolder:
                 return rows
         t0 = time.perf_counter()
         rows = compute()
+        if not write:
+            return rows
         self.add_metrics(rows)
         self.state["steps"][name] = {
             "hash": key,

@@ -59,6 +59,14 @@ class _Accumulator:
             )
         return n
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """The float64 state tensors by name (to checkpoint a long pass and resume it)."""
+        return {name: getattr(self, name) for name in self._state}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for name in self._state:
+            getattr(self, name).copy_(state[name])
+
     def all_reduce_(self) -> None:
         """Sum every state tensor over ranks in place (no-op without a process group)."""
         if _distributed():
@@ -219,6 +227,12 @@ class PooledRows(_Accumulator):
     def rows(self) -> Tensor:
         """All pooled rows so far, (n_prompts, d) float64."""
         return torch.cat(self._rows) if self._rows else self._zeros(0, self.d)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self._rows = [state["rows"].to(torch.float64)]
 
     def all_reduce_(self) -> None:
         """Gather the rows of all ranks (in rank order); no-op without a process group."""

@@ -22,6 +22,26 @@ WEIGHT_COLUMNS = (
 )
 
 
+PAIR_COLUMNS = (
+    "cka",
+    "cka_pooled",
+    "cka_unbiased",
+    "cosine",
+    "mean_shift",
+    "mean_shift_rel",
+    "attn_js",
+)
+MODEL_COLUMNS = (
+    "prompt_entropy",
+    "prompt_entropy_norm",
+    "dataset_entropy",
+    "dataset_entropy_norm",
+    "erank",
+    "erank_sigma2",
+    "attn_entropy",
+)
+
+
 def build_report(run: Path) -> Path:
     config: dict[str, Any] = (
         read_json(run / "config.json") if (run / "config.json").is_file() else {}
@@ -56,6 +76,31 @@ def build_report(run: Path) -> Path:
             [r for r in rows if r["model"] == "pair" and (r["layer"] is None or r["layer"] < 0)]
         )
         sections.append(("Weight change (optimization dynamics)", body))
+
+    if any(r["metric"] == "cka" for r in rows):
+        a = summary.get("analyze", {})
+        body = f"<p>{esc(a.get('prompts', '?'))} prompts through both models; padding excluded.</p>"
+        for threshold in ("0.98", "0.9"):
+            hit = a.get(f"cka_first_below_{threshold}")
+            where = (
+                "never"
+                if not hit
+                else f"at layer {hit['layer']} (relative depth {hit['relative_depth']:.2f})"
+            )
+            body += f"<p>Token-level CKA first falls below {threshold}: {esc(where)}.</p>"
+        for name in (
+            "geometry_similarity.png",
+            "geometry_mean_shift.png",
+            "information_entropy.png",
+            "information_erank.png",
+            "attention.png",
+        ):
+            if (run / "plots" / name).is_file():
+                body += image(run / "plots" / name, name)
+        body += "<h3>Base vs SFT (pair)</h3>" + layer_table(rows, PAIR_COLUMNS, "pair")
+        for model in ("base", "sft"):
+            body += f"<h3>{model}</h3>" + layer_table(rows, MODEL_COLUMNS, model)
+        sections.append(("Representations (information, geometry, attention)", body))
 
     files = "".join(
         f"<li><code>{esc(p.name)}</code></li>"

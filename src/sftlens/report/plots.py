@@ -99,3 +99,61 @@ def plot_weights(rows: Sequence[Row], plots_dir: str | Path) -> list[Path]:
             )
         )
     return out
+
+
+def plot_representations(rows: Sequence[Row], plots_dir: str | Path) -> list[Path]:
+    """One plot per metric family: information, geometry, attention."""
+    plots_dir = Path(plots_dir)
+    out: list[Path] = []
+
+    def both(metric: str) -> dict[str, list[float]]:
+        return {f"{metric} ({m})": series(rows, metric, m) for m in ("base", "sft")}
+
+    info = {**both("prompt_entropy_norm"), **both("dataset_entropy_norm")}
+    if any(info.values()):
+        out.append(
+            plot_layers(
+                plots_dir / "information_entropy.png",
+                info,
+                title="Normalised matrix entropy",
+                ylabel="entropy / log min(n, d)",
+            )
+        )
+        out.append(
+            plot_layers(
+                plots_dir / "information_erank.png",
+                both("erank"),
+                title="Effective rank of pooled prompts",
+                ylabel="erank",
+            )
+        )
+    geometry = {m: series(rows, m) for m in ("cka", "cka_pooled", "cka_unbiased", "cosine")}
+    if any(geometry.values()):
+        out.append(
+            plot_layers(
+                plots_dir / "geometry_similarity.png",
+                geometry,
+                title="Base vs SFT similarity",
+                ylabel="similarity",
+            )
+        )
+        shift = {"mean_shift_rel": series(rows, "mean_shift_rel")}
+        out.append(
+            plot_layers(
+                plots_dir / "geometry_mean_shift.png",
+                shift,
+                title="Mean shift, relative to the base mean",
+                ylabel="||mu_sft - mu_base|| / ||mu_base||",
+            )
+        )
+    attn = {**both("attn_entropy"), "attn_js (pair)": series(rows, "attn_js")}
+    if any(attn.values()):
+        out.append(
+            plot_layers(
+                plots_dir / "attention.png",
+                attn,
+                title="Attention entropy and base-vs-SFT JS divergence",
+                ylabel="nats",
+            )
+        )
+    return out

@@ -1,0 +1,141 @@
+"""Run a model over a batch and hand back every block's output (and attention, if asked).
+
+Block outputs are taken with forward hooks on the embedding and on each block found by
+:mod:`sftlens.models.surgery`, so the last block is never dropped and the final norm is never
+applied (unlike ``output_hidden_states``, whose last entry is usually post-norm).
+Padding is handled here once: explicit ``position_ids`` from the attention mask make left and
+right padding give the same states for the real tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from sftlens.errors import SftlensError
+from sftlens.models import surgery
+
+log = logging.getLogger("sftlens.capture")
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T) 1 = real token
+    position_ids: torch.Tensor  # (B, T)
+    index: list[int]  # dataset index of each row
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.position_ids.to(device),
+            self.index,
+        )
+
+
+def tokenize(
+    tok: Any, texts: Sequence[str], *, max_length: int, truncate: bool = True
+) -> list[list[int]]:
+    """Token ids per text; longer texts are truncated with a warning, or refused."""
+    ids: list[list[int]] = []
+    too_long = 0
+    for i, text in enumerate(texts):
+        t = tok(text, add_special_tokens=True)["input_ids"]
+        if len(t) == 0:
+            raise SftlensError(f"prompt {i} has no tokens; remove empty prompts from the data")
+        if len(t) > max_length:
+            if not truncate:
+                raise SftlensError(
+                    f"prompt {i} has {len(t)} tokens, more than --max-length {max_length}; "
+                    "raise --max-length (up to the model's context) or pass --truncate"
+                )
+            too_long += 1
+            t = t[:max_length]
+        ids.append(t)
+    if too_long:
+        log.warning(
+            "%d of %d prompts were truncated to %d tokens", too_long, len(texts), max_length
+        )
+    return ids
+
+
+def make_batches(
+    ids: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    pad_id: int,
+    padding_side: str = "right",
+    indices: Sequence[int] | None = None,
+) -> Iterator[Batch]:
+    """Pad consecutive groups of ``batch_size`` sequences on ``padding_side``."""
+    if padding_side not in ("left", "right"):
+        raise SftlensError(f"padding side must be 'left' or 'right', got '{padding_side}'")
+    order = list(indices) if indices is not None else list(range(len(ids)))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(ids[i]) for i in chunk)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            seq = torch.tensor(ids[i], dtype=torch.long)
+            sl = slice(width - len(seq), width) if padding_side == "left" else slice(0, len(seq))
+            input_ids[row, sl] = seq
+            mask[row, sl] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) 0.. over real tokens
+        yield Batch(input_ids, mask, positions, chunk)
+
+
+def _output_tensor(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def capture(
+    model: nn.Module, batch: Batch, *, attentions: bool = False
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """States ``[h_emb, h_0, ..., h_{L-1}]`` each (B, T, D), and attentions (B, H, T, T) per block."""
+    blocks = surgery.get_blocks(model)
+    embedding = surgery.get_embedding(model)
+    states: dict[int, torch.Tensor] = {}
+    handles = [
+        embedding.register_forward_hook(lambda m, i, o: states.__setitem__(-1, _output_tensor(o)))
+    ]
+    for idx, block in enumerate(blocks):
+        handles.append(
+            block.register_forward_hook(
+                lambda m, i, o, idx=idx: states.__setitem__(idx, _output_tensor(o))
+            )
+        )
+    try:
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            output_attentions=attentions,
+            use_cache=False,
+        )
+    finally:
+        for h in handles:
+            h.remove()
+    if len(states) != len(blocks) + 1:
+        missing = sorted(set(range(-1, len(blocks))) - set(states))
+        raise SftlensError(
+            f"captured {len(states) - 1} of {len(blocks)} block outputs (missing {missing}); "
+            "the architecture may route around its blocks: report this model type"
+        )
+    attn = None
+    if attentions:
+        attn = list(out.attentions) if getattr(out, "attentions", None) is not None else []
+        if len(attn) != len(blocks) or any(a is None for a in attn):
+            raise SftlensError(
+                "the model did not return attention weights; load it with "
+                "attn_implementation='eager' (sftlens does this when attention metrics are on) "
+                "or pass --no-attention"
+            )
+    return [states[i] for i in range(-1, len(blocks))], attn

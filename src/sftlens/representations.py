@@ -1,0 +1,272 @@
+"""Representation analysis: one streaming pass of both models over the same prompts.
+
+For each batch the BASE model runs first and its block outputs are kept for that batch only;
+then the SFT model runs and, block by block, both models' states for the same real tokens
+meet in per-layer accumulators (:mod:`sftlens.metrics.accumulators`). Nothing grows with the
+dataset except one pooled vector per prompt and layer. Layer ``-1`` is the embedding output.
+
+Rows written (SPEC names): ``prompt_entropy dataset_entropy erank`` (+ ``_norm``,
+``erank_sigma2``) and ``attn_entropy`` for ``base``/``sft``; ``cka cka_unbiased cka_pooled
+cosine mean_shift mean_shift_rel attn_js`` for ``pair``. Per-head attention values go to
+``heads.csv``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+import torch
+from tqdm.auto import tqdm
+
+from sftlens.capture import Batch, capture, make_batches, tokenize
+from sftlens.errors import SftlensError
+from sftlens.metrics.accumulators import (
+    AttentionStats,
+    PairMoments,
+    PooledRows,
+    PromptEntropy,
+    StreamingCKA,
+)
+from sftlens.models import surgery
+
+Preset = Literal["default", "paper"]
+
+log = logging.getLogger("sftlens.analyze")
+Row = dict[str, Any]
+
+
+@dataclass
+class LayerAccumulators:
+    cka: StreamingCKA
+    moments: PairMoments
+    entropy: dict[str, PromptEntropy]
+    pooled: dict[str, PooledRows]
+
+
+@dataclass
+class RepresentationPass:
+    """Per-layer accumulators for one BASE/SFT pair; feed batches, then :meth:`rows`."""
+
+    num_layers: int
+    hidden: int
+    num_heads: int
+    alpha: float = 1.0
+    preset: Preset = "default"
+    pooling: str = "mean"
+    attention: bool = True
+    layers: dict[int, LayerAccumulators] = field(init=False)
+    attn: dict[int, AttentionStats] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.layers = {
+            layer: LayerAccumulators(
+                StreamingCKA(self.hidden, self.hidden),
+                PairMoments(self.hidden),
+                {m: PromptEntropy(self.alpha, self.preset) for m in ("base", "sft")},
+                {m: PooledRows(self.hidden) for m in ("base", "sft")},
+            )
+            for layer in range(-1, self.num_layers)
+        }
+        self.attn = (
+            {layer: AttentionStats(self.num_heads) for layer in range(self.num_layers)}
+            if self.attention
+            else {}
+        )
+
+    def update(
+        self,
+        batch: Batch,
+        base_states: Sequence[torch.Tensor],
+        sft_states: Sequence[torch.Tensor],
+        base_attn: Sequence[torch.Tensor] | None = None,
+        sft_attn: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        mask = batch.attention_mask.bool().to(base_states[0].device)  # (B, T)
+        lengths = mask.sum(-1)
+        if int(lengths.min()) == 0:
+            raise SftlensError("a prompt in the batch is all padding; remove empty prompts")
+        for i, layer in enumerate(range(-1, self.num_layers)):
+            acc = self.layers[layer]
+            per_model = {"base": base_states[i], "sft": sft_states[i]}  # (B, T, D) each
+            for model, h in per_model.items():
+                real = h[mask]  # (N, D) real tokens only
+                if not torch.isfinite(real).all():
+                    where = "embeddings" if layer < 0 else f"layer {layer}"
+                    raise SftlensError(
+                        f"{model} model produced NaN/inf hidden states at {where}; "
+                        "check the checkpoint, or run in float32 (--dtype float32)"
+                    )
+                for b in range(h.shape[0]):
+                    acc.entropy[model].update(h[b][mask[b]])  # (n_b, D)
+                acc.pooled[model].update(_pool(h, mask, self.pooling))
+            xb, xs = base_states[i][mask], sft_states[i][mask]
+            acc.cka.update(xb, xs)
+            acc.moments.update(xb, xs)
+        if self.attention:
+            if base_attn is None or sft_attn is None:
+                raise SftlensError(
+                    "attention metrics need both models' attentions; pass --no-attention"
+                )
+            for layer in range(self.num_layers):
+                self.attn[layer].update(base_attn[layer], sft_attn[layer], key_mask=mask)
+
+    def accumulators(self) -> dict[str, Any]:
+        """Every accumulator by a stable name (for checkpointing and all-reduce)."""
+        out: dict[str, Any] = {}
+        for layer, acc in self.layers.items():
+            out[f"{layer}.cka"] = acc.cka
+            out[f"{layer}.moments"] = acc.moments
+            for m in ("base", "sft"):
+                out[f"{layer}.entropy.{m}"] = acc.entropy[m]
+                out[f"{layer}.pooled.{m}"] = acc.pooled[m]
+        for layer, a in self.attn.items():
+            out[f"{layer}.attn"] = a
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{name}.{k}": v.reshape(v.shape or (1,)) if v.dim() == 0 else v
+            for name, acc in self.accumulators().items()
+            for k, v in acc.state_dict().items()
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, acc in self.accumulators().items():
+            own = acc.state_dict()
+            acc.load_state_dict(
+                {
+                    k: state[f"{name}.{k}"].reshape(own[k].shape)
+                    if k != "rows"
+                    else state[f"{name}.{k}"]
+                    for k in own
+                }
+            )
+
+    def all_reduce_(self) -> None:
+        for acc in self.accumulators().values():
+            acc.all_reduce_()
+
+    def rows(self) -> tuple[list[Row], list[Row]]:
+        """(metrics.csv rows, heads.csv rows)."""
+        rows: list[Row] = []
+        for layer, acc in self.layers.items():
+            for model in ("base", "sft"):
+                stats = {
+                    **acc.entropy[model].compute(),
+                    **acc.pooled[model].compute(self.alpha, self.preset),
+                }
+                if self.preset == "paper":  # the paper code's effective rank uses sigma^2
+                    stats["erank"], stats["erank_roy_vetterli"] = (
+                        stats["erank_sigma2"],
+                        stats["erank"],
+                    )
+                rows += [
+                    {"model": model, "layer": layer, "metric": k, "value": v}
+                    for k, v in stats.items()
+                ]
+            pair = {"cka": acc.cka.compute(), **acc.moments.compute()}
+            pair["cka_pooled"] = acc.pooled["base"].cka(acc.pooled["sft"])
+            n = acc.pooled["base"].rows.shape[0]
+            pair["cka_unbiased"] = (
+                acc.pooled["base"].cka(acc.pooled["sft"], unbiased=True) if n > 3 else float("nan")
+            )
+            rows += [
+                {"model": "pair", "layer": layer, "metric": k, "value": v} for k, v in pair.items()
+            ]
+        heads: list[Row] = []
+        for layer, a in self.attn.items():
+            head_stats = a.compute()
+            for metric, model, key in (
+                ("attn_entropy", "base", "attn_entropy_base"),
+                ("attn_entropy", "sft", "attn_entropy_sft"),
+                ("attn_js", "pair", "attn_js"),
+            ):
+                values = head_stats[key]  # (H,)
+                rows.append(
+                    {
+                        "model": model,
+                        "layer": layer,
+                        "metric": metric,
+                        "value": float(values.mean()),
+                    }
+                )
+                heads += [
+                    {"model": model, "layer": layer, "head": h, "metric": metric, "value": float(v)}
+                    for h, v in enumerate(values)
+                ]
+        return rows, heads
+
+
+def _pool(h: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """One vector per prompt: mean over real tokens, or the last real token. (B, T, D) -> (B, D)."""
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).to(torch.float64)
+        return (h.double() * m).sum(1) / m.sum(1)
+    last = mask.shape[1] - 1 - mask.flip(-1).to(torch.long).argmax(-1)  # index of last real token
+    return h[torch.arange(h.shape[0]), last].double()
+
+
+def run_pass(
+    base: Any,
+    sft: Any,
+    tok: Any,
+    texts: Sequence[str],
+    *,
+    batch_size: int,
+    max_length: int,
+    truncate: bool = True,
+    padding_side: str = "right",
+    alpha: float = 1.0,
+    preset: str = "default",
+    pooling: str = "mean",
+    attention: bool = True,
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    state: RepresentationPass | None = None,
+    start_batch: int = 0,
+    on_batch: Any = None,
+) -> RepresentationPass:
+    """Feed ``texts`` through both models and return the filled accumulators.
+
+    With ``world_size > 1`` each rank takes every ``world_size``-th batch; call
+    :meth:`RepresentationPass.all_reduce_` afterwards. ``on_batch(i, state)`` is called after
+    each batch (used to checkpoint), ``start_batch`` skips batches already accumulated.
+    """
+    if not texts:
+        raise SftlensError("no prompts to analyse; check --data and --split")
+    config = base.config
+    acc = state or RepresentationPass(
+        num_layers=surgery.num_layers(config),
+        hidden=surgery.hidden_size(config),
+        num_heads=surgery.num_heads(config),
+        alpha=alpha,
+        preset=cast(Preset, preset),
+        pooling=pooling,
+        attention=attention,
+    )
+    ids = tokenize(tok, texts, max_length=max_length, truncate=truncate)
+    # sort by length so batches waste little padding; order does not change any metric
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    batches = list(
+        make_batches(
+            ids,
+            batch_size=batch_size,
+            pad_id=tok.pad_token_id,
+            padding_side=padding_side,
+            indices=order,
+        )
+    )
+    device = next(base.parameters()).device
+    mine = [i for i in range(len(batches)) if i % world_size == rank and i >= start_batch]
+    for i in tqdm(mine, desc="analyze", unit="batch", disable=not progress):
+        batch = batches[i].to(device)
+        base_states, base_attn = capture(base, batch, attentions=attention)
+        sft_states, sft_attn = capture(sft, batch, attentions=attention)
+        acc.update(batch, base_states, sft_states, base_attn, sft_attn)
+        if on_batch is not None:
+            on_batch(i, acc)
+    return acc

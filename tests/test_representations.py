@@ -1,0 +1,248 @@
+"""The streaming representation pass on tiny models: correctness, padding, errors, resume."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from sftlens.capture import capture, make_batches, tokenize
+from sftlens.errors import SftlensError
+from sftlens.metrics.geometry import linear_cka
+from sftlens.models.loading import load_model
+from sftlens.representations import run_pass
+
+TEXTS = [
+    "Question: how many 3 + 4 ? Answer: 7 #### 7",
+    "Question: the 2 * 5 is ? Answer: 10",
+    "how many of the 9",
+    "Question: 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 Answer: 4 #### 4",
+    "a 1",
+    "Question: the 8 - 3 ? Answer: 5 #### 5",
+]
+
+
+@pytest.fixture(scope="module")
+def models(tiny_pair):
+    base_dir, sft_dir = tiny_pair
+    base, tok = load_model(base_dir, attn_implementation="eager")
+    sft, _ = load_model(sft_dir, attn_implementation="eager")
+    return base, sft, tok
+
+
+def _metrics(acc):
+    rows, heads = acc.rows()
+    return {(r["model"], r["layer"], r["metric"]): r["value"] for r in rows}, heads
+
+
+def _run(models, **kw):
+    base, sft, tok = models
+    opts = dict(batch_size=4, max_length=64, progress=False)
+    opts.update(kw)
+    return run_pass(base, sft, tok, TEXTS, **opts)
+
+
+def test_capture_keeps_last_block_and_never_applies_final_norm(models):
+    base, _, tok = models
+    ids = tokenize(tok, TEXTS[:2], max_length=64)
+    batch = next(make_batches(ids, batch_size=2, pad_id=tok.pad_token_id))
+    states, _ = capture(base, batch)
+    assert len(states) == base.config.num_hidden_layers + 1
+    with torch.no_grad():
+        ref = base(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            output_hidden_states=True,
+        ).hidden_states
+    for i in range(len(states) - 1):  # embeddings and all blocks but the last: identical
+        torch.testing.assert_close(states[i], ref[i])
+    # HF's last entry is post-norm; ours is the raw block output, and norm(ours) == HF's
+    assert not torch.allclose(states[-1], ref[-1])
+    torch.testing.assert_close(base.model.norm(states[-1]), ref[-1])
+
+
+def test_identical_models_give_identity_values(models):
+    base, _, tok = models
+    m, heads = _metrics(
+        run_pass(base, base, tok, TEXTS, batch_size=3, max_length=64, progress=False)
+    )
+    for layer in range(-1, 5):
+        assert m[("pair", layer, "cka")] == pytest.approx(1.0, abs=1e-9)
+        assert m[("pair", layer, "cosine")] == pytest.approx(1.0, abs=1e-9)
+        assert m[("pair", layer, "mean_shift")] == pytest.approx(0.0, abs=1e-9)
+        assert m[("base", layer, "erank")] == pytest.approx(m[("sft", layer, "erank")])
+    for layer in range(5):
+        assert m[("pair", layer, "attn_js")] == pytest.approx(0.0, abs=1e-9)
+    assert {h["head"] for h in heads} == {0, 1, 2, 3}
+
+
+def test_padding_side_and_batch_size_do_not_change_any_metric(models):
+    right, _ = _metrics(_run(models, padding_side="right", batch_size=4))
+    left, _ = _metrics(_run(models, padding_side="left", batch_size=4))
+    single, _ = _metrics(_run(models, padding_side="right", batch_size=1))
+    assert right.keys() == left.keys() == single.keys()
+    for k in right:
+        assert left[k] == pytest.approx(right[k], rel=1e-4, abs=1e-5), k
+        assert single[k] == pytest.approx(right[k], rel=1e-4, abs=1e-5), k
+
+
+def test_streamed_cka_equals_materialised_gram_form(models):
+    base, sft, tok = models
+    m, _ = _metrics(_run(models, attention=False))
+    ids = tokenize(tok, TEXTS, max_length=64)
+    xs, ys = [], []
+    for seq in ids:  # each prompt alone, no padding at all
+        batch = next(make_batches([seq], batch_size=1, pad_id=tok.pad_token_id))
+        xs.append(capture(base, batch)[0])
+        ys.append(capture(sft, batch)[0])
+    for i, layer in enumerate(range(-1, 5)):
+        x = torch.cat([s[i][0] for s in xs])  # (N, D) all real tokens
+        y = torch.cat([s[i][0] for s in ys])
+        assert m[("pair", layer, "cka")] == pytest.approx(float(linear_cka(x, y)), abs=1e-6)
+
+
+def test_cka_is_lowest_where_the_fixture_changed_weights_most(models):
+    m, _ = _metrics(_run(models, attention=False))
+    cka = [m[("pair", layer, "cka")] for layer in range(5)]
+    assert all(0.0 <= v <= 1.0 + 1e-12 for v in cka)
+    assert cka[4] < cka[1]
+
+
+def test_nan_hidden_states_name_the_layer(tiny_pair):
+    base_dir, sft_dir = tiny_pair
+    base, tok = load_model(base_dir)
+    sft, _ = load_model(sft_dir)
+    with torch.no_grad():
+        sft.model.layers[2].mlp.down_proj.weight.fill_(float("nan"))
+    with pytest.raises(SftlensError, match="sft model produced NaN/inf hidden states at layer 2"):
+        run_pass(
+            base, sft, tok, TEXTS, batch_size=4, max_length=64, attention=False, progress=False
+        )
+
+
+def test_attention_from_sdpa_model_is_a_clear_error(tiny_pair):
+    base_dir, _ = tiny_pair
+    base, tok = load_model(base_dir, attn_implementation="sdpa")
+    with pytest.raises(SftlensError, match="did not return attention weights"):
+        run_pass(base, base, tok, TEXTS, batch_size=4, max_length=64, progress=False)
+
+
+def test_too_long_prompts_truncate_with_warning_or_refuse(models, caplog):
+    _, _, tok = models
+    ids = tokenize(tok, TEXTS, max_length=5)
+    assert max(len(t) for t in ids) == 5
+    assert "truncated to 5 tokens" in caplog.text
+    with pytest.raises(SftlensError, match="prompt 0 has .* tokens, more than --max-length 5"):
+        tokenize(tok, TEXTS, max_length=5, truncate=False)
+    with pytest.raises(SftlensError, match="prompt 0 has no tokens"):
+        tokenize(tok, [""], max_length=5)
+
+
+def test_analyze_cli_end_to_end_and_resume(tiny_pair, tmp_path, monkeypatch):
+    from sftlens import representations
+    from sftlens.cli import main
+
+    base, sft = tiny_pair
+    out = tmp_path / "run"
+    args = [
+        "analyze",
+        str(base),
+        str(sft),
+        "--out",
+        str(out),
+        "--data",
+        "synthetic",
+        "--max-prompts",
+        "20",
+        "--batch-size",
+        "2",
+        "--max-length",
+        "96",
+        "--no-progress",
+    ]
+    # crash in the 10th batch: the checkpoint after batch 8 survives, a rerun resumes from it
+    real = representations.RepresentationPass.update
+    calls = {"n": 0}
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(representations.RepresentationPass, "update", flaky)
+    assert main(args) == 130
+    assert (out / ".analyze_state.json").is_file()
+    calls["n"] = -1000
+    assert main(args) == 0
+    assert calls["n"] == -1000 + 2  # only batches 9 and 10 ran again
+    assert not (out / ".analyze_state.json").exists()
+    resumed = (out / "metrics.csv").read_text()
+
+    fresh = tmp_path / "fresh"
+    monkeypatch.setattr(representations.RepresentationPass, "update", real)
+    assert main([*args[:4], str(fresh), *args[5:]]) == 0
+    a = {tuple(r[:3]): float(r[3]) for r in csv.reader(resumed.splitlines()[1:])}
+    b = {
+        tuple(r[:3]): float(r[3])
+        for r in csv.reader((fresh / "metrics.csv").read_text().splitlines()[1:])
+    }
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k] == pytest.approx(b[k], rel=1e-9, abs=1e-12, nan_ok=True), k
+
+    names = {k[2] for k in a}
+    assert {
+        "prompt_entropy",
+        "prompt_entropy_norm",
+        "dataset_entropy",
+        "dataset_entropy_norm",
+        "erank",
+        "erank_sigma2",
+        "cka",
+        "cka_unbiased",
+        "cka_pooled",
+        "cosine",
+        "mean_shift",
+        "mean_shift_rel",
+        "attn_entropy",
+        "attn_js",
+    } <= names
+    assert {k[1] for k in a if k[2] == "cka"} == {"-1", "0", "1", "2", "3", "4"}
+    for f in (
+        "heads.csv",
+        "report.html",
+        "summary.json",
+        "plots/geometry_similarity.png",
+        "plots/information_entropy.png",
+        "plots/attention.png",
+    ):
+        assert (fresh / f).is_file(), f
+    html = (fresh / "report.html").read_text()
+    assert "Token-level CKA first falls below 0.98" in html
+
+
+def test_paper_preset_uses_sigma2_erank(models):
+    base, sft, tok = models
+    d, _ = _metrics(
+        run_pass(
+            base, sft, tok, TEXTS, batch_size=4, max_length=64, attention=False, progress=False
+        )
+    )
+    p, _ = _metrics(
+        run_pass(
+            base,
+            sft,
+            tok,
+            TEXTS,
+            batch_size=4,
+            max_length=64,
+            attention=False,
+            progress=False,
+            preset="paper",
+        )
+    )
+    assert p[("base", 2, "erank")] == pytest.approx(d[("base", 2, "erank_sigma2")])
+    assert p[("base", 2, "prompt_entropy")] != pytest.approx(d[("base", 2, "prompt_entropy")])
