@@ -8,12 +8,15 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
 from sftlens.config import AnalyzeConfig, DemoConfig, SFTConfig, WeightsConfig
 from sftlens.models.loading import load_model, resolve_model
 from sftlens.run import RunFolder, fingerprint
+
+log = logging.getLogger("sftlens")
 
 __all__ = ["analyze", "demo", "load_model", "report", "resolve_model", "sft", "weights"]
 
@@ -238,6 +241,20 @@ def demo(**options: Any) -> Path:
     run_weights(
         WeightsConfig(base=cfg.model, sft=str(sft_dir), out=str(out), progress=cfg.progress), run
     )
+    if cfg.analyze_prompts:
+        run_analyze(
+            AnalyzeConfig(
+                base=cfg.model,
+                sft=str(sft_dir),
+                out=str(out),
+                data=cfg.analyze_data,
+                split="test",
+                max_prompts=cfg.analyze_prompts,
+                progress=cfg.progress,
+            ),
+            run,
+        )
+    log.info("report: %s", out / "report.html")
     return out
 
 

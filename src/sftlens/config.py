@@ -167,11 +167,19 @@ class DemoConfig:
     sft_batch_size: int = arg(4, help="examples per step of the short SFT")
     sft_lr: float = arg(5e-5, help="peak learning rate of the short SFT")
     sft_max_length: int = arg(256, help="max tokens per SFT example")
+    analyze_prompts: int = arg(64, help="prompts for the representation analysis (0 skips it)")
+    analyze_data: str = arg(
+        "auto",
+        help="analysis prompts: 'auto' (GSM8K test if found, else generated), a path, 'synthetic'",
+    )
     seed: int = arg(0, help="seed")
     progress: bool = arg(True, help="show progress bars")
 
     def __post_init__(self) -> None:
         _check(self.sft_steps >= 1, f"--sft-steps must be >= 1, got {self.sft_steps}")
+        _check(
+            self.analyze_prompts >= 0, f"--analyze-prompts must be >= 0, got {self.analyze_prompts}"
+        )
 
 
 @dataclass

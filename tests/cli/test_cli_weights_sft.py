@@ -152,3 +152,37 @@ def test_sft_config_validation(tiny_pair, tmp_path, capsys, bad):
     base, _ = tiny_pair
     assert main(["sft", str(base), "--out", str(tmp_path), *bad]) == 2
     assert capsys.readouterr().err.startswith("error: --")
+
+
+def test_demo_end_to_end_on_tiny_model_then_report(tiny_pair, tmp_path):
+    base, _ = tiny_pair
+    out = tmp_path / "demo"
+    args = [
+        "demo",
+        "--model",
+        str(base),
+        "--out",
+        str(out),
+        "--data",
+        "synthetic",
+        "--sft-steps",
+        "2",
+        "--sft-batch-size",
+        "2",
+        "--sft-max-length",
+        "64",
+        "--analyze-prompts",
+        "6",
+        "--analyze-data",
+        "synthetic",
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    assert (out / "sft_model" / "model.safetensors").is_file()
+    metrics = {r["metric"] for r in csv.DictReader(open(out / "metrics.csv"))}
+    assert {"dw_attn", "cka", "prompt_entropy", "attn_js"} <= metrics
+    html = (out / "report.html").read_text()
+    assert "Weight change" in html and "Representations" in html
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.html").read_text() == html

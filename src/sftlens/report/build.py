@@ -105,7 +105,7 @@ def build_report(run: Path) -> Path:
     files = "".join(
         f"<li><code>{esc(p.name)}</code></li>"
         for p in sorted(run.iterdir())
-        if not p.name.startswith(".")
+        if not p.name.startswith(".") and p.name != "report.html"
     )
     sections.append(("Files in this run", f"<ul>{files}</ul>"))
     return render("sftlens report", sections, run / "report.html")
