@@ -113,6 +113,7 @@ def run_analyze(cfg: AnalyzeConfig, run: RunFolder | None = None) -> Path:
             models={"base": cfg.base, "sft": cfg.sft},
             fingerprints=prints,
             analyze=dataclasses.asdict(cfg),
+            world_size=world,
         )
     inputs = {
         "fingerprints": {k: v["files"] for k, v in prints.items()},

@@ -42,13 +42,12 @@ class _Sums:
     diff: dict[tuple[int | None, str], float] = field(default_factory=lambda: defaultdict(float))
     base: dict[tuple[int | None, str], float] = field(default_factory=lambda: defaultdict(float))
 
-    def add(
-        self, layer: int | None, names: Iterable[str], a: torch.Tensor, b: torch.Tensor
-    ) -> None:
+    def add(self, keys: Iterable[tuple[int | None, str]], a: torch.Tensor, b: torch.Tensor) -> None:
+        """Compute both squared norms once and add them under every key."""
         d, n = frobenius_sq_diff(a, b), frobenius_sq(a)
-        for name in names:
-            self.diff[(layer, name)] += d
-            self.base[(layer, name)] += n
+        for key in keys:
+            self.diff[key] += d
+            self.base[key] += n
 
 
 @dataclass
@@ -63,7 +62,7 @@ class WeightDiff:
 
 
 def _split_vocab(
-    a: torch.Tensor, b: torch.Tensor, what: str, sums: _Sums, extra: dict[str, float]
+    a: torch.Tensor, b: torch.Tensor, what: str, extra: dict[str, float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Compare embedding-like matrices on shared rows; report rows the SFT model added."""
     if a.shape[1:] != b.shape[1:]:
@@ -110,11 +109,11 @@ def weight_diff(base: str | Path, sft: str | Path, *, progress: bool = True) -> 
                 continue
             a, b = rb.get(name), rs.get(name)
             if role.group in ("embed", "lm_head"):
-                a, b = _split_vocab(a, b, role.group, sums, extra)
-                sums.add(None, [role.group, "total"], a, b)
+                a, b = _split_vocab(a, b, role.group, extra)
+                sums.add([(None, role.group), (None, "total")], a, b)
                 continue
             if role.group == "final_norm":
-                sums.add(None, ["final_norm", "total"], a, b)
+                sums.add([(None, "final_norm"), (None, "total")], a, b)
                 continue
             if a.shape != b.shape:
                 raise SftlensError(
@@ -122,20 +121,18 @@ def weight_diff(base: str | Path, sft: str | Path, *, progress: bool = True) -> 
                     "compare checkpoints of the same architecture"
                 )
             layer = role.layer
-            sums.add(None, ["total"], a, b)
-            sums.add(layer, ["block"], a, b)
-            if role.kind != "weight":
-                continue
-            if role.group == "norm":
-                sums.add(layer, ["norm"], a, b)
-                continue
-            if role.proj in ("qkv", "gate_up"):
+            keys: list[tuple[int | None, str]] = [(None, "total"), (layer, "block")]
+            if role.kind != "weight":  # biases count in the block and the total only
+                sums.add(keys, a, b)
+            elif role.group == "norm":
+                sums.add([*keys, (layer, "norm")], a, b)
+            elif role.proj in ("qkv", "gate_up"):
                 pa = surgery.split_fused(spec, config, role.proj, a, role.kind)
                 pb = surgery.split_fused(spec, config, role.proj, b, role.kind)
-                for part in pa:
-                    sums.add(layer, [part, role.group], pa[part], pb[part])
+                for part in pa:  # the parts partition the tensor, so their sums are its sums
+                    sums.add([*keys, (layer, part), (layer, role.group)], pa[part], pb[part])
             else:
-                sums.add(layer, [role.proj, role.group], a, b)
+                sums.add([*keys, (layer, role.proj), (layer, role.group)], a, b)
     rows = _rows(sums, extra, info, tied="lm_head" not in {k for _, k in sums.diff})
     return WeightDiff(info=info, rows=rows)
 

@@ -179,7 +179,8 @@ def test_demo_end_to_end_on_tiny_model_then_report(tiny_pair, tmp_path):
     ]
     assert main(args) == 0
     assert (out / "sft_model" / "model.safetensors").is_file()
-    metrics = {r["metric"] for r in csv.DictReader(open(out / "metrics.csv"))}
+    with open(out / "metrics.csv") as f:
+        metrics = {r["metric"] for r in csv.DictReader(f)}
     assert {"dw_attn", "cka", "prompt_entropy", "attn_js"} <= metrics
     html = (out / "report.html").read_text()
     assert "Weight change" in html and "Representations" in html

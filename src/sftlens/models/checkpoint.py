@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,26 @@ import torch
 
 from sftlens.errors import SftlensError
 
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
 
 def read_header(path: Path) -> dict[str, Any]:
     """Parse a safetensors header and check the file holds every byte it promises.
 
-    Returns ``{tensor name: {"dtype", "shape", "data_offsets"}}``. A truncated or corrupt
-    shard raises a one-line :class:`SftlensError` naming the file.
+    Returns ``{tensor name: {"dtype", "shape", "data_offsets"}}`` with offsets made absolute
+    (from the start of the file). A truncated or corrupt shard raises a one-line
+    :class:`SftlensError` naming the file.
     """
     size = path.stat().st_size
     try:
@@ -45,6 +58,9 @@ def read_header(path: Path) -> dict[str, Any]:
             f"{path} is truncated ({size} bytes, its header promises {need}); "
             "re-copy or re-download this shard"
         )
+    for meta in header.values():
+        begin, stop = meta["data_offsets"]
+        meta["data_offsets"] = [8 + header_len + begin, 8 + header_len + stop]
     return header
 
 
@@ -68,9 +84,8 @@ class CheckpointReader:
             raise SftlensError(
                 f"{config_path} is not valid JSON ({exc}); re-copy the file"
             ) from None
+        self._headers: dict[Path, dict[str, Any]] = {}
         self.shard_of = self._index()
-        self._stack = ExitStack()
-        self._handles: dict[Path, Any] = {}
 
     def _index(self) -> dict[str, Path]:
         index = self.folder / "model.safetensors.index.json"
@@ -89,7 +104,7 @@ class CheckpointReader:
                     f"{index.name}; copy or download the missing files"
                 )
             for shard in sorted(set(shards.values())):
-                read_header(shard)  # fail now, not halfway through an analysis
+                self._headers[shard] = read_header(shard)  # fail now, not halfway through
             return shards
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
@@ -97,14 +112,9 @@ class CheckpointReader:
                 f"{self.folder} has no *.safetensors files; convert the checkpoint to safetensors "
                 "(pickle *.bin files are not read)"
             )
-        return {name: f for f in files for name in read_header(f)}
-
-    def _open(self, path: Path) -> Any:
-        from safetensors import safe_open
-
-        if path not in self._handles:
-            self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt"))
-        return self._handles[path]
+        for f in files:
+            self._headers[f] = read_header(f)
+        return {name: f for f in files for name in self._headers[f]}
 
     def keys(self) -> list[str]:
         return list(self.shard_of)
@@ -113,25 +123,37 @@ class CheckpointReader:
         return name in self.shard_of
 
     def get(self, name: str) -> torch.Tensor:
+        """Read one tensor with a plain file read.
+
+        Deliberately not memory-mapped: pages of a mapped file stay in the process's resident
+        memory once touched, so streaming two mapped checkpoints ends up as resident as loading
+        both. A plain read keeps only the tensor being compared.
+        """
         if name not in self.shard_of:
             raise SftlensError(f"tensor '{name}' is not in {self.folder}")
-        try:
-            return self._open(self.shard_of[name]).get_tensor(name)
-        except SftlensError:
-            raise
-        except Exception as exc:
+        path = self.shard_of[name]
+        meta = self._headers[path][name]
+        dtype = _DTYPES.get(meta["dtype"])
+        if dtype is None:
             raise SftlensError(
-                f"could not read '{name}' from {self.shard_of[name]} ({type(exc).__name__}); "
-                "the shard is corrupt: re-copy or re-download it"
-            ) from None
+                f"tensor '{name}' in {path.name} has dtype {meta['dtype']}, which sftlens does "
+                f"not read; supported: {', '.join(_DTYPES)}"
+            )
+        begin, stop = meta["data_offsets"]
+        buf = bytearray(stop - begin)
+        with path.open("rb") as f:
+            f.seek(begin)
+            if f.readinto(buf) != len(buf):
+                raise SftlensError(f"{path} is truncated; re-copy or re-download this shard")
+        flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+        return flat.reshape(meta["shape"])
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.shard_of:
             yield name, self.get(name)
 
     def close(self) -> None:
-        self._handles.clear()
-        self._stack.close()
+        """Nothing stays open between reads; kept for the context-manager protocol."""
 
     def __enter__(self) -> CheckpointReader:
         return self

@@ -116,7 +116,7 @@ def convert_gguf(gguf_path: Path) -> Path:
     except Exception as exc:
         raise SftlensError(
             f"transformers could not read {gguf_path} ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:160]}); check the file or reinstall it"
+            f"{_first_line(exc)}); check the file or reinstall it"
         ) from None
     # The weights are already dequantized fp32; drop the GGUF "quantizer" marker so that
     # save_pretrained writes a plain safetensors checkpoint.
@@ -132,6 +132,11 @@ def convert_gguf(gguf_path: Path) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
+
+
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else "no message"
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
@@ -186,9 +191,8 @@ def load_model(
     except SftlensError:
         raise
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise SftlensError(
-            f"could not load the model in {folder} ({type(exc).__name__}: {first}); "
+            f"could not load the model in {folder} ({type(exc).__name__}: {_first_line(exc)}); "
             "check that its files are complete (re-copy or re-download them)"
         ) from None
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)

@@ -1,0 +1,75 @@
+"""Data-parallel analysis: 2 CPU processes on gloo (torchrun) give the single-process numbers."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from sftlens.cli import main
+
+
+def _table(path):
+    with open(path) as f:
+        return {
+            (r["model"], r["layer"], r["metric"]): float(r["value"] or "nan")
+            for r in csv.DictReader(f)
+        }
+
+
+@pytest.mark.skipif(
+    shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
+    reason="torchrun not installed",
+)
+def test_torchrun_two_gloo_ranks_match_single_process(tiny_pair, tmp_path):
+    base, sft = tiny_pair
+    common = [
+        "analyze",
+        str(base),
+        str(sft),
+        "--data",
+        "synthetic",
+        "--max-prompts",
+        "12",
+        "--batch-size",
+        "2",
+        "--max-length",
+        "96",
+        "--no-progress",
+    ]
+    assert main([*common, "--out", str(tmp_path / "single")]) == 0
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29533",
+            "-m",
+            "sftlens",
+            *common,
+            "--out",
+            str(tmp_path / "ddp"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
+    single, ddp = (
+        _table(tmp_path / "single" / "metrics.csv"),
+        _table(tmp_path / "ddp" / "metrics.csv"),
+    )
+    assert single.keys() == ddp.keys()
+    for k in single:
+        assert ddp[k] == pytest.approx(single[k], rel=1e-6, abs=1e-9, nan_ok=True), k
