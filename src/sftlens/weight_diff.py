@@ -21,6 +21,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from sftlens.errors import SftlensError
 from sftlens.metrics.weights import frobenius_sq, frobenius_sq_diff, relative_change
 from sftlens.models.checkpoint import CheckpointReader
-from sftlens.models.pair import PairInfo, check_pair
+from sftlens.models.pair import PairInfo, check_pair, text_config
 
 ATTN_PROJS = ("q", "k", "v", "o")
 Row = dict[str, Any]
@@ -44,10 +45,31 @@ class _Sums:
 
     def add(self, keys: Iterable[tuple[int | None, str]], a: torch.Tensor, b: torch.Tensor) -> None:
         """Compute both squared norms once and add them under every key."""
-        d, n = frobenius_sq_diff(a, b), frobenius_sq(a)
+        self.add_sq(keys, frobenius_sq_diff(a, b), frobenius_sq(a))
+
+    def add_sq(self, keys: Iterable[tuple[int | None, str]], diff: float, base: float) -> None:
         for key in keys:
-            self.diff[key] += d
-            self.base[key] += n
+            self.diff[key] += diff
+            self.base[key] += base
+
+
+_CHUNK_BYTES = 16 << 20  # rows read per step: ~16 MiB of each tensor
+
+
+def _streamed_sq(
+    ra: CheckpointReader, rb: CheckpointReader, name: str, rows: int
+) -> tuple[float, float]:
+    """(||a-b||^2, ||a||^2) over the first ``rows`` rows, read in ~16 MiB row blocks."""
+    shape = ra.shape(name)
+    per_row = max(1, math.prod(shape[1:]) * 4)
+    step = max(1, _CHUNK_BYTES // per_row)
+    diff = base = 0.0
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        a, b = ra.get_rows(name, start, stop), rb.get_rows(name, start, stop)
+        diff += frobenius_sq_diff(a, b)
+        base += frobenius_sq(a)
+    return diff, base
 
 
 @dataclass
@@ -61,37 +83,29 @@ class WeightDiff:
         return [by_layer.get(i, float("nan")) for i in range(self.info.num_layers)]
 
 
-def _split_vocab(
-    a: torch.Tensor, b: torch.Tensor, what: str, extra: dict[str, float]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compare embedding-like matrices on shared rows; report rows the SFT model added."""
-    if a.shape[1:] != b.shape[1:]:
+def _check_vocab(name: str, sa: tuple[int, ...], sb: tuple[int, ...], what: str) -> int:
+    """Rows shared by an embedding-like pair (the SFT vocabulary may only grow)."""
+    if sa[1:] != sb[1:]:
         raise SftlensError(
-            f"{what} has shape base={tuple(a.shape)}, sft={tuple(b.shape)}; "
+            f"{what} '{name}' has shape base={sa}, sft={sb}; "
             "compare checkpoints of the same model size"
         )
-    if b.shape[0] > a.shape[0]:
-        added = b[a.shape[0] :]
-        extra[f"{what}_added_rows"] = float(added.shape[0])
-        extra[f"{what}_added_norm"] = math.sqrt(frobenius_sq(added))
-    elif b.shape[0] < a.shape[0]:
+    if sb[0] < sa[0]:
         raise SftlensError(
-            f"{what} has fewer rows in sft ({b.shape[0]}) than in base ({a.shape[0]}); "
+            f"{what} has fewer rows in sft ({sb[0]}) than in base ({sa[0]}); "
             "pass BASE first and SFT second"
         )
-    n = a.shape[0]
-    return a, b[:n]
+    return sa[0]
 
 
 def weight_diff(base: str | Path, sft: str | Path, *, progress: bool = True) -> WeightDiff:
     """Per-layer weight distances between two local checkpoint folders (see module doc)."""
-    from transformers import AutoConfig
-
     from sftlens.models import surgery
 
     rb, rs = CheckpointReader(base), CheckpointReader(sft)
     info = check_pair(rb.config, rs.config)
-    config = AutoConfig.from_pretrained(str(base), trust_remote_code=False)
+    # attribute access on the plain config.json (no transformers import: streaming stays light)
+    config = SimpleNamespace(**text_config(rb.config))
     spec = surgery.arch_spec(config)
 
     sums = _Sums()
@@ -107,32 +121,39 @@ def weight_diff(base: str | Path, sft: str | Path, *, progress: bool = True) -> 
             role = surgery.classify_param(spec, name)
             if role.group == "other":
                 continue
-            a, b = rb.get(name), rs.get(name)
+            sa, sb = rb.shape(name), rs.shape(name)
             if role.group in ("embed", "lm_head"):
-                a, b = _split_vocab(a, b, role.group, extra)
-                sums.add([(None, role.group), (None, "total")], a, b)
+                shared = _check_vocab(name, sa, sb, role.group)
+                if sb[0] > shared:  # rows the SFT vocabulary added: measured on their own
+                    added = rs.get_rows(name, shared, sb[0])
+                    extra[f"{role.group}_added_rows"] = float(added.shape[0])
+                    extra[f"{role.group}_added_norm"] = math.sqrt(frobenius_sq(added))
+                sums.add_sq(
+                    [(None, role.group), (None, "total")], *_streamed_sq(rb, rs, name, shared)
+                )
                 continue
-            if role.group == "final_norm":
-                sums.add([(None, "final_norm"), (None, "total")], a, b)
-                continue
-            if a.shape != b.shape:
+            if sa != sb:
                 raise SftlensError(
-                    f"tensor '{name}' has shape base={tuple(a.shape)}, sft={tuple(b.shape)}; "
+                    f"tensor '{name}' has shape base={sa}, sft={sb}; "
                     "compare checkpoints of the same architecture"
                 )
             layer = role.layer
             keys: list[tuple[int | None, str]] = [(None, "total"), (layer, "block")]
-            if role.kind != "weight":  # biases count in the block and the total only
-                sums.add(keys, a, b)
+            if role.group == "final_norm":
+                keys = [(None, "final_norm"), (None, "total")]
+            elif role.kind != "weight":  # biases count in the block and the total only
+                pass
             elif role.group == "norm":
-                sums.add([*keys, (layer, "norm")], a, b)
-            elif role.proj in ("qkv", "gate_up"):
-                pa = surgery.split_fused(spec, config, role.proj, a, role.kind)
-                pb = surgery.split_fused(spec, config, role.proj, b, role.kind)
+                keys.append((layer, "norm"))
+            elif role.proj in ("qkv", "gate_up"):  # fused: split by the architecture's layout
+                pa = surgery.split_fused(spec, config, role.proj, rb.get(name), role.kind)
+                pb = surgery.split_fused(spec, config, role.proj, rs.get(name), role.kind)
                 for part in pa:  # the parts partition the tensor, so their sums are its sums
                     sums.add([*keys, (layer, part), (layer, role.group)], pa[part], pb[part])
+                continue
             else:
-                sums.add([*keys, (layer, role.proj), (layer, role.group)], a, b)
+                keys += [(layer, role.proj), (layer, role.group)]
+            sums.add_sq(keys, *_streamed_sq(rb, rs, name, sa[0] if sa else 1))
     rows = _rows(sums, extra, info, tied="lm_head" not in {k for _, k in sums.diff})
     return WeightDiff(info=info, rows=rows)
 

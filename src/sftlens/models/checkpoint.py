@@ -9,6 +9,7 @@ GGUF files are first resolved to their cached safetensors conversion
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,31 +123,44 @@ class CheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self.shard_of
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._meta(name)["shape"])
+
+    def _meta(self, name: str) -> dict[str, Any]:
+        if name not in self.shard_of:
+            raise SftlensError(f"tensor '{name}' is not in {self.folder}")
+        return self._headers[self.shard_of[name]][name]
+
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor with a plain file read.
+        """Read one whole tensor (see :meth:`get_rows`)."""
+        shape = self.shape(name)
+        return self.get_rows(name, 0, shape[0] if shape else 1).reshape(shape)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (along the first dimension) of a tensor, with a plain file read.
 
         Deliberately not memory-mapped: pages of a mapped file stay in the process's resident
         memory once touched, so streaming two mapped checkpoints ends up as resident as loading
-        both. A plain read keeps only the tensor being compared.
+        both. A plain read of a row range keeps only that range in memory.
         """
-        if name not in self.shard_of:
-            raise SftlensError(f"tensor '{name}' is not in {self.folder}")
+        meta = self._meta(name)
         path = self.shard_of[name]
-        meta = self._headers[path][name]
         dtype = _DTYPES.get(meta["dtype"])
         if dtype is None:
             raise SftlensError(
                 f"tensor '{name}' in {path.name} has dtype {meta['dtype']}, which sftlens does "
                 f"not read; supported: {', '.join(_DTYPES)}"
             )
-        begin, stop = meta["data_offsets"]
-        buf = bytearray(stop - begin)
+        shape = list(meta["shape"]) or [1]
+        row_bytes = math.prod(shape[1:]) * torch.empty(0, dtype=dtype).element_size()
+        begin = meta["data_offsets"][0] + start * row_bytes
+        buf = bytearray((stop - start) * row_bytes)
         with path.open("rb") as f:
             f.seek(begin)
             if f.readinto(buf) != len(buf):
                 raise SftlensError(f"{path} is truncated; re-copy or re-download this shard")
         flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
-        return flat.reshape(meta["shape"])
+        return flat.reshape([stop - start, *shape[1:]])
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.shard_of:
