@@ -99,8 +99,7 @@ class RepresentationPass:
                         f"{model} model produced NaN/inf hidden states at {where}; "
                         "check the checkpoint, or run in float32 (--dtype float32)"
                     )
-                for b in range(h.shape[0]):
-                    acc.entropy[model].update(h[b][mask[b]])  # (n_b, D)
+                acc.entropy[model].update_batch(h, mask)  # one prompt = one row of h
                 acc.pooled[model].update(_pool(h, mask, self.pooling))
             xb, xs = base_states[i][mask], sft_states[i][mask]
             acc.cka.update(xb, xs)
@@ -249,8 +248,10 @@ def run_pass(
         attention=attention,
     )
     ids = tokenize(tok, texts, max_length=max_length, truncate=truncate)
-    # sort by length so batches waste little padding; order does not change any metric
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    # longest first: batches waste little padding, the peak-memory batch comes first (an
+    # out-of-memory fails at once, and later, smaller batches reuse its freed buffers instead
+    # of fragmenting the heap); the order changes no metric
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     batches = list(
         make_batches(
             ids,

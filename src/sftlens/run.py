@@ -42,8 +42,20 @@ def fingerprint(folder: str | Path) -> dict[str, Any]:
     files = sorted([*folder.glob("*.safetensors"), *folder.glob("config.json")])
     return {
         "path": str(folder.resolve()),
-        "files": {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files},
+        "files": {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files},
     }
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256(path: Path) -> str:
+    """sha256 of a file, remembered for this process while its size and mtime are unchanged."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = sha256_file(path)
+    return _SHA_CACHE[key]
 
 
 class RunFolder:

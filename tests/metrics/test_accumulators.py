@@ -193,3 +193,26 @@ def test_float32_input_gives_float64_state_and_output() -> None:
 
 def test_docstring_examples() -> None:
     assert doctest.testmod(accumulators, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
+
+
+@pytest.mark.parametrize("preset", ["default", "paper"])
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_prompt_entropy_batched_equals_per_prompt(preset, alpha, side):
+    """update_batch on a padded batch == update on each prompt's real rows (left or right pad)."""
+    g = torch.Generator().manual_seed(3)
+    lengths = [7, 1, 12, 30]  # 30 > d = 16 exercises the d x d side of the Gram
+    d, t = 16, max(lengths)
+    h = torch.randn(len(lengths), t, d, generator=g) + 5.0  # offset: centring matters
+    mask = torch.zeros(len(lengths), t, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        sl = slice(t - n, t) if side == "left" else slice(0, n)
+        mask[b, sl] = True
+        h[b, ~mask[b]] = float("nan")  # junk in padding must not leak in
+    batched, single = PromptEntropy(alpha, preset), PromptEntropy(alpha, preset)
+    batched.update_batch(h, mask)
+    for b in range(len(lengths)):
+        single.update(h[b][mask[b]])
+    got, want = batched.compute(), single.compute()
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-10, abs=1e-12), k

@@ -32,8 +32,10 @@ from sftlens.metrics.geometry import (
 )
 from sftlens.metrics.information import (
     alpha_entropy_from_eigenvalues,
+    alpha_entropy_rows,
     effective_rank,
     gram_eigenvalues,
+    masked_gram_eigenvalues,
     matrix_entropy,
     normalize_entropy,
     normalize_rows,
@@ -46,6 +48,7 @@ __all__ = [
     "PromptEntropy",
     "StreamingCKA",
     "alpha_entropy_from_eigenvalues",
+    "alpha_entropy_rows",
     "attention_entropy",
     "attention_entropy_sums",
     "attention_js",
@@ -54,6 +57,7 @@ __all__ = [
     "effective_rank",
     "gram_eigenvalues",
     "linear_cka",
+    "masked_gram_eigenvalues",
     "matrix_entropy",
     "mean_cosine_similarity",
     "mean_shift",

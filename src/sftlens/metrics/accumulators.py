@@ -25,10 +25,13 @@ from sftlens.metrics.geometry import (
     unbiased_cka,
 )
 from sftlens.metrics.information import (
+    PAPER_RIDGE,
     Preset,
     _matrix,
     alpha_entropy_from_eigenvalues,
+    alpha_entropy_rows,
     effective_rank,
+    masked_gram_eigenvalues,
     matrix_entropy,
     normalize_entropy,
 )
@@ -186,6 +189,24 @@ class PromptEntropy(_Accumulator):
         self.raw_sum += raw
         self.norm_sum += normalize_entropy(raw, z.shape[0], z.shape[1])
         self.count += 1
+
+    def update_batch(self, h: Tensor, mask: Tensor) -> None:
+        """Add every prompt of a padded batch at once: ``h`` (B, T, d), ``mask`` (B, T) real tokens.
+
+        Same values as :meth:`update` on each prompt's real rows, with one batched
+        eigendecomposition instead of B (padding adds exact zero eigenvalues).
+        """
+        mask = mask.bool()
+        if self.preset == "default":
+            lam = masked_gram_eigenvalues(h, mask, center=True)
+        else:
+            lam = masked_gram_eigenvalues(h, mask, center=False, ridge=PAPER_RIDGE, scale_by_d=True)
+        raw = alpha_entropy_rows(lam, self.alpha)  # (B,)
+        m = torch.clamp(mask.sum(-1).to(torch.float64), max=h.shape[-1])  # min(n_b, d)
+        norm = torch.where(m > 1, raw / m.clamp_min(2.0).log(), torch.zeros_like(raw))
+        self.raw_sum += raw.sum().to(self.device)
+        self.norm_sum += norm.sum().to(self.device)
+        self.count += h.shape[0]
 
     def compute(self) -> dict[str, float]:
         n = self._count()

@@ -77,26 +77,57 @@ def gram_eigenvalues(
         >>> gram_eigenvalues(torch.eye(3), center=False)
         tensor([0.3333, 0.3333, 0.3333], dtype=torch.float64)
     """
+    z = _matrix(z)  # (n, d)
+    mask = torch.ones(1, z.shape[0], dtype=torch.bool)
+    return masked_gram_eigenvalues(
+        z[None], mask, center=center, ridge=ridge, scale_by_d=scale_by_d
+    )[0]
+
+
+def masked_gram_eigenvalues(
+    z: Tensor, mask: Tensor, *, center: bool = True, ridge: float = 0.0, scale_by_d: bool = False
+) -> Tensor:
+    """:func:`gram_eigenvalues` for a padded batch: one spectrum per item, in one ``eigvalsh``.
+
+    ``z`` is (B, T, d) and ``mask`` (B, T) marks real rows; padded rows are zeroed after centring
+    (over real rows only), so they add exact zero eigenvalues, which change no entropy. Returns
+    (B, m) float64 with ``m = min(T, d)`` (``T`` with a ridge, which goes on real rows only).
+
+    Example:
+        >>> z = torch.eye(3).expand(2, 3, 3).clone()
+        >>> mask = torch.tensor([[True, True, True], [True, True, False]])
+        >>> masked_gram_eigenvalues(z, mask, center=False)
+        tensor([[0.3333, 0.3333, 0.3333],
+                [0.5000, 0.5000, 0.0000]], dtype=torch.float64)
+    """
     if not ridge >= 0.0:
         raise SftlensError(
             f"ridge must be >= 0, got {ridge}; use 0 (default) or a small value like 1e-6"
         )
-    zn = normalize_rows(z, center=center)  # (n, d)
-    n, d = zn.shape
-    small = zn @ zn.T if n <= d else zn.T @ zn  # (m, m), m = min(n, d)
-    eig = torch.linalg.eigvalsh(small).flip(0)  # (m,) descending
-    tol = eig.numel() * torch.finfo(torch.float64).eps * eig[0].clamp_min(0.0)
-    eig = torch.where(eig > tol, eig, torch.zeros_like(eig))  # rounding noise -> exact 0
+    keep = mask.to(device=z.device, dtype=torch.bool).unsqueeze(-1)  # (B, T, 1)
+    real = keep.to(torch.float64)
+    # padding rows -> exactly 0 (where, not *, so that junk like NaN in padding cannot leak)
+    z = torch.where(keep, z.detach().to(torch.float64), 0.0)  # (B, T, d)
+    if center:
+        z = z - z.sum(1, keepdim=True) / real.sum(1, keepdim=True).clamp_min(1.0)
+        z = torch.where(keep, z, 0.0)
+    norms = torch.linalg.vector_norm(z, dim=-1, keepdim=True)  # (B, T, 1)
+    z = z / torch.where(norms > 0, norms, torch.ones_like(norms))
+    t, d = z.shape[1], z.shape[2]
+    # the smaller Gram has the same non-zero spectrum; a ridge needs the n x n side
+    gram = z @ z.transpose(1, 2) if (t <= d or ridge > 0) else z.transpose(1, 2) @ z
     if scale_by_d:
-        eig = eig / d
+        gram = gram / d
     if ridge > 0.0:
-        eig = torch.cat([eig, eig.new_zeros(n - eig.numel())]) + ridge  # (n,)
-    total = eig.sum()
-    if total <= 0:
-        eig = torch.zeros_like(eig)
-        eig[0] = 1.0
-        return eig
-    return eig / total
+        gram = gram + ridge * torch.diag_embed(real.squeeze(-1))
+    eig = torch.linalg.eigvalsh(gram).flip(-1)  # (B, m) descending
+    tol = eig.shape[-1] * torch.finfo(torch.float64).eps * eig[:, :1].clamp_min(0.0)
+    eig = torch.where(eig > tol, eig, torch.zeros_like(eig))  # rounding noise -> exact 0
+    total = eig.sum(-1, keepdim=True)
+    degenerate = (total <= 0).squeeze(-1)  # no spread at all: spectrum [1, 0, ...]
+    eig = eig / torch.where(total > 0, total, torch.ones_like(total))
+    eig[degenerate, 0] = 1.0
+    return eig
 
 
 def alpha_entropy_from_eigenvalues(lam: Tensor, alpha: float = 1.0) -> Tensor:
@@ -126,12 +157,25 @@ def alpha_entropy_from_eigenvalues(lam: Tensor, alpha: float = 1.0) -> Tensor:
         raise SftlensError(
             "eigenvalues sum to 0, so there is no distribution; pass a non-zero spectrum"
         )
-    p = lam[lam > 0] / total  # zeros contribute nothing for any alpha > 0
+    return alpha_entropy_rows(lam[None], alpha)[0]
+
+
+def alpha_entropy_rows(lam: Tensor, alpha: float = 1.0) -> Tensor:
+    """:func:`alpha_entropy_from_eigenvalues` of each row of a (B, m) spectrum -> (B,).
+
+    Example:
+        >>> alpha_entropy_rows(torch.tensor([[0.5, 0.5], [1.0, 0.0]]))
+        tensor([0.6931, 0.0000], dtype=torch.float64)
+    """
+    lam = lam.to(torch.float64)
+    p = lam / lam.sum(-1, keepdim=True)  # (B, m)
+    positive = p > 0  # zeros contribute nothing for any alpha > 0
+    logp = torch.where(positive, p, torch.ones_like(p)).log()  # 0 where p == 0
     if alpha == 1.0:
-        return -(p * p.log()).sum() + 0.0  # + 0.0 turns -0.0 into 0.0
+        return -(p * logp).sum(-1) + 0.0  # + 0.0 turns -0.0 into 0.0
     if math.isinf(alpha):
-        return -p.max().log()
-    s_minus_1 = (p * torch.expm1((alpha - 1.0) * p.log())).sum()  # sum p^alpha - 1
+        return -p.max(-1).values.log()
+    s_minus_1 = (p * torch.expm1((alpha - 1.0) * logp)).sum(-1)  # sum p^alpha - 1
     return torch.log1p(s_minus_1) / (1.0 - alpha)
 
 
