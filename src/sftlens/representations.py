@@ -91,8 +91,9 @@ class RepresentationPass:
         for i, layer in enumerate(range(-1, self.num_layers)):
             acc = self.layers[layer]
             per_model = {"base": base_states[i], "sft": sft_states[i]}  # (B, T, D) each
+            real_rows = {}
             for model, h in per_model.items():
-                real = h[mask]  # (N, D) real tokens only
+                real = real_rows[model] = h[mask]  # (N, D) real tokens only
                 if not torch.isfinite(real).all():
                     where = "embeddings" if layer < 0 else f"layer {layer}"
                     raise SftlensError(
@@ -101,9 +102,8 @@ class RepresentationPass:
                     )
                 acc.entropy[model].update_batch(h, mask)  # one prompt = one row of h
                 acc.pooled[model].update(_pool(h, mask, self.pooling))
-            xb, xs = base_states[i][mask], sft_states[i][mask]
-            acc.cka.update(xb, xs)
-            acc.moments.update(xb, xs)
+            acc.cka.update(real_rows["base"], real_rows["sft"])  # same tokens, both models
+            acc.moments.update(real_rows["base"], real_rows["sft"])
         if self.attention:
             if base_attn is None or sft_attn is None:
                 raise SftlensError(
