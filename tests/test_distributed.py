@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sftlens.cli import main
 
@@ -73,3 +74,71 @@ def test_torchrun_two_gloo_ranks_match_single_process(tiny_pair, tmp_path):
     assert single.keys() == ddp.keys()
     for k in single:
         assert ddp[k] == pytest.approx(single[k], rel=1e-6, abs=1e-9, nan_ok=True), k
+
+
+@pytest.mark.skipif(
+    shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
+    reason="torchrun not installed",
+)
+def test_torchrun_two_gloo_ranks_train_sft_with_ddp(tiny_pair, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    base, _ = tiny_pair
+    args = [
+        "sft",
+        str(base),
+        "--data",
+        "synthetic",
+        "--max-examples",
+        "16",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--max-length",
+        "64",
+        "--save-every",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29534",
+            "-m",
+            "sftlens",
+            *args,
+            "--out",
+            str(tmp_path / "ddp"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((tmp_path / "ddp" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 3
+    # one process with twice the micro-batch sees the same examples per step
+    assert main([*args[:9], "4", *args[10:], "--out", str(tmp_path / "single")]) == 0
+    single = json.loads((tmp_path / "single" / "trainer_state.json").read_text())
+    assert [h["tokens"] for h in state["history"]] == [h["tokens"] for h in single["history"]]
+    for h_ddp, h_one in zip(state["history"], single["history"]):
+        assert h_ddp["loss"] == pytest.approx(h_one["loss"], rel=1e-4)
+    a, b = (
+        load_file(tmp_path / "ddp" / "model.safetensors"),
+        load_file(tmp_path / "single" / "model.safetensors"),
+    )
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

@@ -152,10 +152,17 @@ def train_sft(cfg: SFTConfig) -> Path:
     resume = (ckpt / "trainer_state.json").is_file() and read_json(ckpt / "trainer_state.json").get(
         "config_hash"
     ) == key
+    from accelerate import Accelerator
+
+    # one process: a no-op wrapper; under torchrun / accelerate launch: DDP over the ranks
+    accel = Accelerator(cpu=cfg.device == "cpu")
+    rank, world = accel.process_index, accel.num_processes
     torch.manual_seed(cfg.seed)
-    model, tok = load_model(ckpt if resume else model_dir, dtype=cfg.dtype, device=cfg.device)
+    model, tok = load_model(
+        ckpt if resume else model_dir, dtype=cfg.dtype, device=str(accel.device)
+    )
     model.train()
-    device = next(model.parameters()).device
+    device = accel.device
 
     def prompt_of(q: str) -> str:
         return format_chat(tok, q) if cfg.prompt_format == "chat" else format_question(q)
@@ -168,25 +175,38 @@ def train_sft(cfg: SFTConfig) -> Path:
         st = read_json(ckpt / "trainer_state.json")
         start, history = int(st["step"]), list(st["history"])
         log.info("resuming SFT from step %d in %s", start, ckpt)
+    model, opt = accel.prepare(model, opt)
 
-    per_step = cfg.batch_size * cfg.grad_accum
-    bar = tqdm(total=cfg.steps, initial=start, desc="sft", unit="step", disable=not cfg.progress)
+    # global batch = batch_size x grad_accum x world; rank r takes its own slice of each
+    # micro-batch's positions, so every rank sees different examples in the same seeded order
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start,
+        desc="sft",
+        unit="step",
+        disable=not (cfg.progress and accel.is_main_process),
+    )
     t0 = time.perf_counter()
     for step in range(start, cfg.steps):
         micro = []
         for m in range(cfg.grad_accum):
             batch = []
             for j in range(cfg.batch_size):
-                ex = examples[
-                    example_order(len(examples), cfg.seed, step * per_step + m * cfg.batch_size + j)
-                ]
+                position = step * per_step + (m * world + rank) * cfg.batch_size + j
+                ex = examples[example_order(len(examples), cfg.seed, position)]
                 batch.append(
                     encode_example(
                         tok, prompt_of(ex.question), format_target(ex.answer), cfg.max_length
                     )
                 )
             micro.append(collate(batch, tok.pad_token_id))
-        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        n_tokens = accel.reduce(  # answer tokens of the whole global batch
+            torch.tensor(
+                sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), device=device
+            ),
+            reduction="sum",
+        ).item()
         if n_tokens == 0:
             raise SftlensError(
                 f"step {step}: no answer tokens survive --max-length {cfg.max_length}; raise it"
@@ -195,13 +215,16 @@ def train_sft(cfg: SFTConfig) -> Path:
         for b in micro:
             b = {k: v.to(device) for k, v in b.items()}
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            loss = answer_loss_sum(logits, b["labels"]) / n_tokens
-            loss.backward()
-            total += loss.item()
+            # DDP averages gradients over ranks: scale by world so the step's gradient is the
+            # mean over every answer token of the global batch
+            loss = answer_loss_sum(logits, b["labels"]) * world / n_tokens
+            accel.backward(loss)
+            total += loss.item() / world
+        total = float(accel.reduce(torch.tensor(total, device=device), reduction="sum"))
         if not math.isfinite(total):
             raise SftlensError(f"SFT loss became {total} at step {step}; lower --lr")
         if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            accel.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -211,14 +234,17 @@ def train_sft(cfg: SFTConfig) -> Path:
         bar.set_postfix(loss=f"{total:.3f}")
         bar.update(1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            _save(
-                model,
-                tok,
-                out / CHECKPOINT,
-                {"step": step + 1, "history": history, "config_hash": key},
-                opt,
-                sched,
-            )
+            accel.wait_for_everyone()
+            if accel.is_main_process:
+                _save(
+                    accel.unwrap_model(model),
+                    tok,
+                    out / CHECKPOINT,
+                    {"step": step + 1, "history": history, "config_hash": key},
+                    opt.optimizer if hasattr(opt, "optimizer") else opt,
+                    sched,
+                )
+            accel.wait_for_everyone()
     bar.close()
     state = {
         "step": cfg.steps,
@@ -229,9 +255,13 @@ def train_sft(cfg: SFTConfig) -> Path:
         "train_examples": len(examples),
         "train_tokens": sum(h["tokens"] for h in history),
         "seconds_this_run": time.perf_counter() - t0,
+        "world_size": world,
     }
-    _save(model, tok, out, state)
-    shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+    accel.wait_for_everyone()
+    if accel.is_main_process:
+        _save(accel.unwrap_model(model), tok, out, state)
+        shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+    accel.wait_for_everyone()
     return out
 
 
