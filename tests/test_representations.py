@@ -218,6 +218,7 @@ def test_analyze_cli_end_to_end_and_resume(tiny_pair, tmp_path, monkeypatch):
         "plots/geometry_similarity.png",
         "plots/information_entropy.png",
         "plots/attention.png",
+        "plots/attention_heads_js.png",
     ):
         assert (fresh / f).is_file(), f
     html = (fresh / "report.html").read_text()

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import logging
 from pathlib import Path
@@ -94,7 +95,7 @@ def run_analyze(cfg: AnalyzeConfig, run: RunFolder | None = None) -> Path:
     from sftlens.io import atomic_write_json, config_hash, read_json, write_rows_csv
     from sftlens.models.checkpoint import CheckpointReader
     from sftlens.models.pair import check_pair
-    from sftlens.report.plots import plot_representations
+    from sftlens.report.plots import plot_heads, plot_representations
     from sftlens.representations import RepresentationPass, run_pass
 
     rank, world = init_from_env()
@@ -187,6 +188,9 @@ def run_analyze(cfg: AnalyzeConfig, run: RunFolder | None = None) -> Path:
     rows = run.step("analyze", inputs, compute, write=is_main())
     if is_main():
         plot_representations(rows, run.path / "plots")
+        if (run.path / "heads.csv").is_file():
+            with open(run.path / "heads.csv", newline="") as f:
+                plot_heads(list(csv.DictReader(f)), run.path / "plots" / "attention_heads_js.png")
         report(run.path)
     return run.path
 

@@ -94,6 +94,7 @@ def build_report(run: Path) -> Path:
             "information_entropy.png",
             "information_erank.png",
             "attention.png",
+            "attention_heads_js.png",
         ):
             if (run / "plots" / name).is_file():
                 body += image(run / "plots" / name, name)

@@ -157,3 +157,40 @@ def plot_representations(rows: Sequence[Row], plots_dir: str | Path) -> list[Pat
             )
         )
     return out
+
+
+def plot_heads(
+    heads: Sequence[Row], path: str | Path, metric: str = "attn_js", model: str = "pair"
+) -> Path | None:
+    """Layer x head heatmap of one per-head metric (from ``heads.csv``)."""
+    cells = {
+        (int(r["layer"]), int(r["head"])): float(r["value"])
+        for r in heads
+        if r["metric"] == metric and r["model"] == model
+    }
+    if not cells:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    n_layers, n_heads = max(k[0] for k in cells) + 1, max(k[1] for k in cells) + 1
+    grid = np.full((n_heads, n_layers), np.nan)
+    for (layer, head), v in cells.items():
+        grid[head, layer] = v
+    fig, ax = plt.subplots(figsize=(6.4, 0.35 * n_heads + 1.6), dpi=110)
+    im = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("head")
+    ax.set_title(f"{metric} per layer and head ({model})")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
