@@ -14,6 +14,19 @@ import torch
 from sftlens.cli import main
 
 
+def _torchrun_two_ranks(args: list[str], port: int) -> None:
+    """``torchrun --nproc-per-node 2 -m sftlens ARGS`` on gloo (CPU), asserting success."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run(
+        [torchrun, "--nproc-per-node", "2", "--master-port", str(port), "-m", "sftlens", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def _table(path):
     with open(path) as f:
         return {
@@ -43,27 +56,7 @@ def test_torchrun_two_gloo_ranks_match_single_process(tiny_pair, tmp_path):
         "--no-progress",
     ]
     assert main([*common, "--out", str(tmp_path / "single")]) == 0
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            torchrun,
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            "29533",
-            "-m",
-            "sftlens",
-            *common,
-            "--out",
-            str(tmp_path / "ddp"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun_two_ranks([*common, "--out", str(tmp_path / "ddp")], port=29533)
     import json
 
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
@@ -107,27 +100,7 @@ def test_torchrun_two_gloo_ranks_train_sft_with_ddp(tiny_pair, tmp_path):
         "cpu",
         "--no-progress",
     ]
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            torchrun,
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            "29534",
-            "-m",
-            "sftlens",
-            *args,
-            "--out",
-            str(tmp_path / "ddp"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun_two_ranks([*args, "--out", str(tmp_path / "ddp")], port=29534)
     state = json.loads((tmp_path / "ddp" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == 3
     # one process with twice the micro-batch sees the same examples per step
