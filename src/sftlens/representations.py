@@ -126,23 +126,16 @@ class RepresentationPass:
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every accumulator's float64 state under ``"<accumulator>.<field>"`` (safetensors-ready)."""
         return {
-            f"{name}.{k}": v.reshape(v.shape or (1,)) if v.dim() == 0 else v
+            f"{name}.{k}": v
             for name, acc in self.accumulators().items()
             for k, v in acc.state_dict().items()
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for name, acc in self.accumulators().items():
-            own = acc.state_dict()
-            acc.load_state_dict(
-                {
-                    k: state[f"{name}.{k}"].reshape(own[k].shape)
-                    if k != "rows"
-                    else state[f"{name}.{k}"]
-                    for k in own
-                }
-            )
+            acc.load_state_dict({k: state[f"{name}.{k}"] for k in acc.state_dict()})
 
     def all_reduce_(self) -> None:
         for acc in self.accumulators().values():
