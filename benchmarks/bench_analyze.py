@@ -3,6 +3,8 @@
 Three variants, each in a fresh subprocess (so peak RSS is its own), side by side:
 
   (a) plain   - the two forward passes alone (the floor: no hooks, no metrics)
+  (a') body    - the same without the LM head (what analyze runs: it needs no logits), to show
+                how much of (b)/(a) comes from skipping the logits
   (b) analyze - sftlens' streaming pass (hooks + float64 accumulators), attention metrics off
   (c) paper   - the paper code's approach: output_hidden_states for every prompt, all layers'
                 states of both models materialised, then metrics from n x n Gram matrices
@@ -43,13 +45,18 @@ def child(variant: str, base: str, sft: str, prompts: int, text: str, batch_size
     ]
     tokens = sum(len(t) for t in tokenize(tok, texts, max_length=512))
     t0 = time.perf_counter()
-    if variant == "plain":
+    if variant in ("plain", "body"):
+        from sftlens.models.surgery import get_body
+
         ids = tokenize(tok, texts, max_length=512)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        models = (
+            (b_model, s_model) if variant == "plain" else tuple(map(get_body, (b_model, s_model)))
+        )
         for batch in make_batches(
             ids, batch_size=batch_size, pad_id=tok.pad_token_id, indices=order
         ):
-            for m in (b_model, s_model):
+            for m in models:
                 m(
                     input_ids=batch.input_ids,
                     attention_mask=batch.attention_mask,
@@ -187,6 +194,11 @@ def main() -> None:
             print(
                 f"  prompts={n}: analyze/plain time {r['analyze']['seconds'] / r['plain']['seconds']:.2f}x, "
                 f"memory {r['analyze']['peak_rss_mib'] / r['plain']['peak_rss_mib']:.2f}x"
+            )
+        if "body" in r and "analyze" in r:
+            print(
+                f"  prompts={n}: analyze/body  time {r['analyze']['seconds'] / r['body']['seconds']:.2f}x "
+                "(both without the LM head)"
             )
         if "paper" in r and "analyze" in r:
             print(

@@ -10,6 +10,7 @@ import torch
 from sftlens.capture import capture, make_batches, tokenize
 from sftlens.errors import SftlensError
 from sftlens.metrics.geometry import linear_cka
+from sftlens.metrics.information import effective_rank
 from sftlens.models.loading import load_model
 from sftlens.representations import run_pass
 
@@ -47,7 +48,13 @@ def test_capture_keeps_last_block_and_never_applies_final_norm(models):
     base, _, tok = models
     ids = tokenize(tok, TEXTS[:2], max_length=64)
     batch = next(make_batches(ids, batch_size=2, pad_id=tok.pad_token_id))
-    states, _ = capture(base, batch)
+    head_calls = []
+    hook = base.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
+    try:
+        states, _ = capture(base, batch)
+    finally:
+        hook.remove()
+    assert head_calls == []  # the LM head (a fifth of a small model's FLOPs) is never run
     assert len(states) == base.config.num_hidden_layers + 1
     with torch.no_grad():
         ref = base(
@@ -78,10 +85,11 @@ def test_identical_models_give_identity_values(models):
     assert {h["head"] for h in heads} == {0, 1, 2, 3}
 
 
-def test_padding_side_and_batch_size_do_not_change_any_metric(models):
-    right, _ = _metrics(_run(models, padding_side="right", batch_size=4))
-    left, _ = _metrics(_run(models, padding_side="left", batch_size=4))
-    single, _ = _metrics(_run(models, padding_side="right", batch_size=1))
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_padding_side_and_batch_size_do_not_change_any_metric(models, pooling):
+    right, _ = _metrics(_run(models, padding_side="right", batch_size=4, pooling=pooling))
+    left, _ = _metrics(_run(models, padding_side="left", batch_size=4, pooling=pooling))
+    single, _ = _metrics(_run(models, padding_side="right", batch_size=1, pooling=pooling))
     assert right.keys() == left.keys() == single.keys()
     for k in right:
         assert left[k] == pytest.approx(right[k], rel=1e-4, abs=1e-5), k
@@ -101,6 +109,25 @@ def test_streamed_cka_equals_materialised_gram_form(models):
         x = torch.cat([s[i][0] for s in xs])  # (N, D) all real tokens
         y = torch.cat([s[i][0] for s in ys])
         assert m[("pair", layer, "cka")] == pytest.approx(float(linear_cka(x, y)), abs=1e-6)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_pooled_metrics_equal_per_prompt_vectors(models, pooling):
+    """cka_pooled and erank from padded batches == the same from each prompt run alone."""
+    base, sft, tok = models
+    m, _ = _metrics(_run(models, attention=False, padding_side="left", pooling=pooling))
+    ids = tokenize(tok, TEXTS, max_length=64)
+    xs, ys = [], []
+    for seq in ids:
+        batch = next(make_batches([seq], batch_size=1, pad_id=tok.pad_token_id))
+        xs.append(capture(base, batch)[0])
+        ys.append(capture(sft, batch)[0])
+    pick = (lambda h: h.double().mean(0)) if pooling == "mean" else (lambda h: h[-1].double())
+    for i, layer in enumerate(range(-1, 5)):
+        x = torch.stack([pick(s[i][0]) for s in xs])  # (P, D) one vector per prompt
+        y = torch.stack([pick(s[i][0]) for s in ys])
+        assert m[("pair", layer, "cka_pooled")] == pytest.approx(float(linear_cka(x, y)), abs=1e-6)
+        assert m[("base", layer, "erank")] == pytest.approx(float(effective_rank(x)), rel=1e-5)
 
 
 def test_cka_is_lowest_where_the_fixture_changed_weights_most(models):

@@ -113,7 +113,7 @@ def capture(
             )
         )
     try:
-        out = model(
+        out = surgery.get_body(model)(  # no LM head: analysis needs no logits
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,

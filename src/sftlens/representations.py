@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from sftlens.capture import Batch, capture, make_batches, tokenize
@@ -85,23 +86,23 @@ class RepresentationPass:
         sft_attn: Sequence[torch.Tensor] | None = None,
     ) -> None:
         mask = batch.attention_mask.bool().to(base_states[0].device)  # (B, T)
-        lengths = mask.sum(-1)
+        lengths = mask.sum(-1)  # (B,)
         if int(lengths.min()) == 0:
             raise SftlensError("a prompt in the batch is all padding; remove empty prompts")
         for i, layer in enumerate(range(-1, self.num_layers)):
             acc = self.layers[layer]
-            per_model = {"base": base_states[i], "sft": sft_states[i]}  # (B, T, D) each
             real_rows = {}
-            for model, h in per_model.items():
-                real = real_rows[model] = h[mask]  # (N, D) real tokens only
-                if not torch.isfinite(real).all():
+            for model, h in (("base", base_states[i]), ("sft", sft_states[i])):  # (B, T, D)
+                # real tokens only, prompt after prompt, converted once for every accumulator
+                rows = real_rows[model] = h[mask].double()  # (N, D)
+                if not bool(torch.isfinite(rows.sum())):  # any NaN/inf makes the sum non-finite
                     where = "embeddings" if layer < 0 else f"layer {layer}"
                     raise SftlensError(
                         f"{model} model produced NaN/inf hidden states at {where}; "
                         "check the checkpoint, or run in float32 (--dtype float32)"
                     )
                 acc.entropy[model].update_batch(h, mask)  # one prompt = one row of h
-                acc.pooled[model].update(_pool(h, mask, self.pooling))
+                acc.pooled[model].update(_pool(rows, lengths, self.pooling))
             acc.cka.update(real_rows["base"], real_rows["sft"])  # same tokens, both models
             acc.moments.update(real_rows["base"], real_rows["sft"])
         if self.attention:
@@ -192,13 +193,15 @@ class RepresentationPass:
         return rows, heads
 
 
-def _pool(h: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """One vector per prompt: mean over real tokens, or the last real token. (B, T, D) -> (B, D)."""
+def _pool(rows: Tensor, lengths: Tensor, pooling: str) -> Tensor:
+    """One vector per prompt from its real rows, stored prompt after prompt: the mean of each
+    prompt's rows, or its last row (the last real token). (N, D), (B,) -> (B, D) float64."""
+    ends = lengths.cumsum(0)  # (B,) one past each prompt's last row
     if pooling == "mean":
-        m = mask.unsqueeze(-1).to(torch.float64)
-        return (h.double() * m).sum(1) / m.sum(1)
-    last = mask.shape[1] - 1 - mask.flip(-1).to(torch.long).argmax(-1)  # index of last real token
-    return h[torch.arange(h.shape[0]), last].double()
+        prompt = torch.repeat_interleave(torch.arange(len(lengths), device=rows.device), lengths)
+        sums = rows.new_zeros(len(lengths), rows.shape[1]).index_add_(0, prompt, rows)
+        return sums / lengths.unsqueeze(-1).to(rows.dtype)
+    return rows[ends - 1]
 
 
 def run_pass(

@@ -71,6 +71,24 @@ def test_streaming_cka_over_chunks_equals_gram_form() -> None:
         acc.update(y, x)
 
 
+def test_streaming_cka_state_is_the_full_float64_moments_and_resumes() -> None:
+    """The checkpointed state is the float64 moments X^T X, Y^T Y, Y^T X; a resume matches."""
+    x, y = _tokens()
+    acc = StreamingCKA(6, 5)
+    acc.update(x[:50], y[:50])
+    state = {k: v.clone() for k, v in acc.state_dict().items()}
+    xd, yd = x[:50].double().numpy(), y[:50].double().numpy()
+    np.testing.assert_allclose(state["sxx"].numpy(), xd.T @ xd, rtol=1e-12)
+    np.testing.assert_allclose(state["syy"].numpy(), yd.T @ yd, rtol=1e-12)
+    np.testing.assert_allclose(state["sxy"].numpy(), yd.T @ xd, rtol=1e-12)
+    resumed = StreamingCKA(6, 5)
+    resumed.load_state_dict(state)
+    resumed.update(x[50:], y[50:])
+    acc.update(x[50:].T.contiguous().T, y[50:])  # non-contiguous rows: same values
+    assert resumed.compute() == pytest.approx(float(linear_cka(x, y)), abs=1e-12)
+    assert acc.compute() == pytest.approx(resumed.compute(), abs=1e-12)
+
+
 def test_pair_moments_match_one_shot() -> None:
     x, y = _tokens(d1=5)
     acc = PairMoments(5)

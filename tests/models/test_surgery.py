@@ -147,6 +147,22 @@ def test_spec_and_live_modules_are_the_models_own(arch: str, models: dict[str, n
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
+def test_body_gives_the_models_hidden_states_without_the_lm_head(
+    arch: str, models: dict[str, nn.Module]
+) -> None:
+    model = models[arch]
+    body = S.get_body(model)
+    assert body is not model and all(m is not model.lm_head for m in body.modules())
+    ids = torch.tensor([[1, 5, 7, 2, 9]])
+    with torch.no_grad():
+        want = model(input_ids=ids, output_hidden_states=True).hidden_states
+        got = body(input_ids=ids, output_hidden_states=True).hidden_states
+    assert len(got) == len(want) == 4
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_classify_covers_every_state_dict_key(arch: str, models: dict[str, nn.Module]) -> None:
     model = models[arch]
     spec = S.arch_spec(model)

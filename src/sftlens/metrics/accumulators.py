@@ -108,9 +108,9 @@ class StreamingCKA(_Accumulator):
             raise SftlensError(
                 f"expected widths ({self.d_x}, {self.d_y}), got ({x.shape[1]}, {y.shape[1]}); build StreamingCKA with the models' hidden sizes"
             )
-        self.sxx += x.T @ x
-        self.syy += y.T @ y
-        self.sxy += y.T @ x
+        self.sxx.addmm_(x.T, x)  # in place: no (d, d) temporaries
+        self.syy.addmm_(y.T, y)
+        self.sxy.addmm_(y.T, x)
         self.sx += x.sum(dim=0)
         self.sy += y.sum(dim=0)
         self.count += x.shape[0]

@@ -495,6 +495,22 @@ def get_blocks(model: nn.Module) -> nn.ModuleList:
     return _find(model, "blocks", "list of transformer blocks", nn.ModuleList)
 
 
+def get_body(model: nn.Module) -> nn.Module:
+    """The decoder without its LM head (a HF causal LM's ``base_model``).
+
+    Running it gives the same hidden states and attentions as the whole model but skips the
+    logits, which cost ``2 * hidden * vocab`` FLOPs per token (about a fifth of SmolLM2-135M's
+    forward). Falls back to the whole model when its blocks are not inside ``base_model``.
+    """
+    root = _unwrap(model)
+    body = getattr(root, "base_model", None)
+    if isinstance(body, nn.Module) and body is not root:
+        blocks = get_blocks(root)
+        if any(m is blocks for m in body.modules()):
+            return body
+    return root
+
+
 def get_final_norm(model: nn.Module) -> nn.Module:
     """The norm applied after the last block, before the LM head."""
     return _find(model, "final_norm", "final norm", nn.Module)
