@@ -1,16 +1,19 @@
 """Benchmark: the streaming ``analyze`` pass against plain forwards and the paper code's approach.
 
-Three variants, each in a fresh subprocess (so peak RSS is its own), side by side:
+Variants, each in a fresh subprocess (so peak RSS is its own), side by side:
 
-  (a) plain   - the two forward passes alone (the floor: no hooks, no metrics)
-  (a') body    - the same without the LM head (what analyze runs: it needs no logits), to show
-                how much of (b)/(a) comes from skipping the logits
-  (b) analyze - sftlens' streaming pass (hooks + float64 accumulators), attention metrics off
-  (c) paper   - the paper code's approach: output_hidden_states for every prompt, all layers'
-                states of both models materialised, then metrics from n x n Gram matrices
+  (a)  plain      the two forward passes alone (the floor: no hooks, no metrics)
+  (a') body       the same without the LM head: analyze needs no logits and skips it, so
+                  analyze/body is the like-for-like overhead of hooks and metrics
+  (b)  analyze    sftlens' streaming pass (hooks + float64 accumulators), attention metrics off
+  (c)  paper      the paper code's approach: output_hidden_states for every prompt, all layers'
+                  states of both models materialised, entropies from n x n Gram matrices; token
+                  CKA from d x d moments (sftlens' trick, so only materialising costs extra)
+  (c') paper-gram the same with token CKA from the n x n token Grams (n = all tokens), the
+                  reference Gram form; skipped when those Grams cannot fit in memory
 
-Prints wall time and peak RSS of each, and the ratios (b)/(a) and (c)/(b), for each number of
-prompts. Usage:
+Prints wall time and peak RSS of each, the ratios, and how far each variant's per-layer CKA is
+from analyze's (they compute the same quantity). Usage:
 
     python benchmarks/bench_analyze.py --base smollm2-135m-instruct \
         --sft runs/smollm2-gsm8k-sft --prompts 256 1024 --text question
@@ -44,6 +47,7 @@ def child(variant: str, base: str, sft: str, prompts: int, text: str, batch_size
         for e in examples
     ]
     tokens = sum(len(t) for t in tokenize(tok, texts, max_length=512))
+    cka: list[float] = []
     t0 = time.perf_counter()
     if variant in ("plain", "body"):
         from sftlens.models.surgery import get_body
@@ -66,7 +70,7 @@ def child(variant: str, base: str, sft: str, prompts: int, text: str, batch_size
     elif variant == "analyze":
         from sftlens.representations import run_pass
 
-        run_pass(
+        rows, _ = run_pass(
             b_model,
             s_model,
             tok,
@@ -76,8 +80,21 @@ def child(variant: str, base: str, sft: str, prompts: int, text: str, batch_size
             attention=False,
             progress=False,
         ).rows()
-    elif variant == "paper":
-        paper_approach(b_model, s_model, tok, texts, batch_size)
+        cka = [r["value"] for r in rows if r["model"] == "pair" and r["metric"] == "cka"]
+    elif variant in ("paper", "paper-gram"):
+        gram_bytes = 2 * tokens**2 * 8  # K and L, float64 n x n, centred in place
+        available = _available_bytes()
+        if variant == "paper-gram" and gram_bytes > 0.8 * available:
+            return {
+                "variant": variant,
+                "prompts": prompts,
+                "tokens": tokens,
+                "seconds": float("nan"),
+                "peak_rss_mib": float("nan"),
+                "skipped": f"needs {gram_bytes / 2**30:.0f} GiB for the n x n token Grams, "
+                f"{available / 2**30:.0f} GiB available",
+            }
+        cka = paper_approach(b_model, s_model, tok, texts, batch_size, gram=variant == "paper-gram")
     seconds = time.perf_counter() - t0
     return {
         "variant": variant,
@@ -85,11 +102,25 @@ def child(variant: str, base: str, sft: str, prompts: int, text: str, batch_size
         "tokens": tokens,
         "seconds": seconds,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cka": cka,
     }
 
 
-def paper_approach(b_model, s_model, tok, texts, batch_size) -> None:
-    """Materialise every layer's hidden states, then compute metrics from Gram matrices."""
+def _available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return info["MemAvailable"]
+
+
+def paper_approach(b_model, s_model, tok, texts, batch_size, *, gram: bool) -> list[float]:
+    """Materialise every layer's hidden states, then compute metrics from Gram matrices.
+
+    Entropies and effective rank follow the paper code's conventions (n x n Grams per prompt
+    and over pooled prompts). Token-level CKA: with ``gram`` from the n x n token Grams over all
+    tokens (Kornblith et al.'s reference form: centre K = XX^T and L = YY^T, HSIC = <K_c, L_c>),
+    as the paper code does; without it from the d x d feature-space moments (sftlens' form, so
+    that variant isolates the cost of materialising states).
+    """
     import torch
 
     from sftlens.capture import make_batches, tokenize
@@ -115,20 +146,37 @@ def paper_approach(b_model, s_model, tok, texts, batch_size) -> None:
         lam = torch.linalg.eigvalsh(g / torch.trace(g)).clamp(min=0)
         return float(alpha_entropy_from_eigenvalues(lam))
 
+    def centre_(k):  # H K H in place
+        means = k.mean(0)
+        k -= means[None, :]
+        k -= means[:, None]
+        k += means.mean()
+        return k
+
+    cka = []
     for layer in range(n_layers):
         for name in ("base", "sft"):
             [gram_entropy(p[layer]) for p in states[name]]  # prompt entropy
             pooled = torch.stack([p[layer].double().mean(0) for p in states[name]])
             gram_entropy(pooled)  # dataset entropy
             torch.linalg.svdvals(pooled - pooled.mean(0))  # erank
-        x = torch.cat([p[layer] for p in states["base"]]).double()
+        x = torch.cat([p[layer] for p in states["base"]]).double()  # (n_tokens, d)
         y = torch.cat([p[layer] for p in states["sft"]]).double()
-        x, y = x - x.mean(0), y - y.mean(0)
-        (
-            torch.linalg.matrix_norm(y.T @ x) ** 2
-            / (torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y))
-        )
         torch.nn.functional.cosine_similarity(x, y).mean()
+        if gram:
+            k, l_ = centre_(x @ x.T), centre_(y @ y.T)  # (n_tokens, n_tokens) each
+            k, l_ = k.view(-1), l_.view(-1)
+            cka.append(float(k.dot(l_) / (k.dot(k) * l_.dot(l_)).sqrt()))
+            del k, l_
+        else:
+            x, y = x - x.mean(0), y - y.mean(0)
+            cka.append(
+                float(
+                    torch.linalg.matrix_norm(y.T @ x) ** 2
+                    / (torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y))
+                )
+            )
+    return cka
 
 
 def main() -> None:
@@ -140,7 +188,12 @@ def main() -> None:
     p.add_argument("--prompts", type=int, nargs="+", default=[256, 1024])
     p.add_argument("--text", default="question", choices=["question", "qa"])
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--variants", nargs="+", default=["plain", "analyze", "paper"])
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["plain", "body", "analyze", "paper", "paper-gram"],
+        choices=["plain", "body", "analyze", "paper", "paper-gram"],
+    )
     p.add_argument("--json", type=Path, help="also write the numbers here")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -181,8 +234,13 @@ def main() -> None:
                 continue
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = results[-1]
+            if "skipped" in r:
+                print(
+                    f"{variant:>10} prompts={n:5d} tokens={r['tokens']:7d} skipped: {r['skipped']}"
+                )
+                continue
             print(
-                f"{variant:>8} prompts={n:5d} tokens={r['tokens']:7d} {r['seconds']:8.1f} s  {r['peak_rss_mib']:8.0f} MiB",
+                f"{variant:>10} prompts={n:5d} tokens={r['tokens']:7d} {r['seconds']:8.1f} s  {r['peak_rss_mib']:8.0f} MiB",
                 flush=True,
             )
     print(
@@ -190,21 +248,29 @@ def main() -> None:
     )
     for n in a.prompts:
         r = {x["variant"]: x for x in results if x["prompts"] == n}
-        if "plain" in r and "analyze" in r:
-            print(
-                f"  prompts={n}: analyze/plain time {r['analyze']['seconds'] / r['plain']['seconds']:.2f}x, "
-                f"memory {r['analyze']['peak_rss_mib'] / r['plain']['peak_rss_mib']:.2f}x"
-            )
-        if "body" in r and "analyze" in r:
-            print(
-                f"  prompts={n}: analyze/body  time {r['analyze']['seconds'] / r['body']['seconds']:.2f}x "
-                "(both without the LM head)"
-            )
-        if "paper" in r and "analyze" in r:
-            print(
-                f"  prompts={n}: paper/analyze time {r['paper']['seconds'] / r['analyze']['seconds']:.2f}x, "
-                f"memory {r['paper']['peak_rss_mib'] / r['analyze']['peak_rss_mib']:.2f}x"
-            )
+        if "analyze" not in r:
+            continue
+        t, m = r["analyze"]["seconds"], r["analyze"]["peak_rss_mib"]
+        for other, label in (("plain", "analyze/plain"), ("body", "analyze/body")):
+            if other in r:
+                print(
+                    f"  prompts={n}: {label:<18} time {t / r[other]['seconds']:.2f}x, "
+                    f"memory {m / r[other]['peak_rss_mib']:.2f}x"
+                )
+        for other in ("paper", "paper-gram"):
+            if other in r:
+                label = f"{other}/analyze"
+                print(
+                    f"  prompts={n}: {label:<18} time {r[other]['seconds'] / t:.2f}x, "
+                    f"memory {r[other]['peak_rss_mib'] / m:.2f}x"
+                )
+                if r[other].get("cka") and r["analyze"].get("cka"):
+                    # HF's last hidden state is after the final norm, analyze's is before it
+                    pairs = list(zip(r[other]["cka"], r["analyze"]["cka"], strict=True))[:-1]
+                    gap = max(abs(u - v) for u, v in pairs)
+                    print(
+                        f"  prompts={n}: {other} CKA vs analyze, layers -1..L-2: max |diff| {gap:.1e}"
+                    )
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
 
