@@ -30,7 +30,7 @@ from sftlens.metrics.information import (
     _matrix,
     alpha_entropy_from_eigenvalues,
     alpha_entropy_rows,
-    effective_rank,
+    erank_from_singular_values,
     masked_gram_eigenvalues,
     matrix_entropy,
     normalize_entropy,
@@ -270,11 +270,12 @@ class PooledRows(_Accumulator):
                 "PooledRows.compute() called before any update; feed at least one prompt"
             )
         raw = matrix_entropy(z, alpha, preset=preset)
+        sigma = torch.linalg.svdvals(z - z.mean(dim=0, keepdim=True))  # centred, as effective_rank
         return {
             "dataset_entropy": float(raw),
             "dataset_entropy_norm": float(normalize_entropy(raw, z.shape[0], z.shape[1])),
-            "erank": float(effective_rank(z, variant="roy_vetterli")),
-            "erank_sigma2": float(effective_rank(z, variant="sigma2")),
+            "erank": float(erank_from_singular_values(sigma, variant="roy_vetterli")),
+            "erank_sigma2": float(erank_from_singular_values(sigma, variant="sigma2")),
         }
 
     def cka(self, other: PooledRows, *, unbiased: bool = False) -> float:

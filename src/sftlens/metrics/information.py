@@ -236,8 +236,23 @@ def effective_rank(
     x = _matrix(z)  # (n, d)
     if center:
         x = x - x.mean(dim=0, keepdim=True)
-    sigma = torch.linalg.svdvals(x)  # (min(n, d),)
+    return erank_from_singular_values(torch.linalg.svdvals(x), variant=variant)
+
+
+def erank_from_singular_values(sigma: Tensor, *, variant: ErankVariant = "roy_vetterli") -> Tensor:
+    """:func:`effective_rank` from singular values already computed (one SVD, both variants).
+
+    Example:
+        >>> s = torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64)
+        >>> round(float(erank_from_singular_values(s)), 4), round(float(erank_from_singular_values(s, variant="sigma2")), 4)
+        (2.8284, 2.3811)
+    """
+    if variant not in ("roy_vetterli", "sigma2"):
+        raise SftlensError(
+            f"unknown effective-rank variant {variant!r}; use 'roy_vetterli' or 'sigma2'"
+        )
+    sigma = sigma.to(torch.float64)
     weights = sigma if variant == "roy_vetterli" else sigma.square()
     if float(weights.sum()) <= 0.0:
-        return x.new_zeros(())
+        return sigma.new_zeros(())
     return alpha_entropy_from_eigenvalues(weights, 1.0).exp()
