@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import torch
@@ -78,6 +79,9 @@ def test_identical_models_give_identity_values(models):
     for layer in range(-1, 5):
         assert m[("pair", layer, "cka")] == pytest.approx(1.0, abs=1e-9)
         assert m[("pair", layer, "cosine")] == pytest.approx(1.0, abs=1e-9)
+        assert m[("pair", layer, "cka_std")] == pytest.approx(1.0, abs=1e-9)
+        share = m[("base", layer, "top_feature_share")]
+        assert 0.0 < share <= 1.0 and share == m[("sft", layer, "top_feature_share")]
         assert m[("pair", layer, "mean_shift")] == pytest.approx(0.0, abs=1e-9)
         assert m[("base", layer, "erank")] == pytest.approx(m[("sft", layer, "erank")])
     for layer in range(5):
@@ -109,6 +113,8 @@ def test_streamed_cka_equals_materialised_gram_form(models):
         x = torch.cat([s[i][0] for s in xs])  # (N, D) all real tokens
         y = torch.cat([s[i][0] for s in ys])
         assert m[("pair", layer, "cka")] == pytest.approx(float(linear_cka(x, y)), abs=1e-6)
+        want_std = float(linear_cka(x, y, standardize=True))
+        assert m[("pair", layer, "cka_std")] == pytest.approx(want_std, abs=1e-6)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "last"])
@@ -229,8 +235,10 @@ def test_analyze_cli_end_to_end_and_resume(tiny_pair, tmp_path, monkeypatch):
         "erank",
         "erank_sigma2",
         "cka",
+        "cka_std",
         "cka_unbiased",
         "cka_pooled",
+        "top_feature_share",
         "cosine",
         "mean_shift",
         "mean_shift_rel",
@@ -250,6 +258,16 @@ def test_analyze_cli_end_to_end_and_resume(tiny_pair, tmp_path, monkeypatch):
         assert (fresh / f).is_file(), f
     html = (fresh / "report.html").read_text()
     assert "Token-level CKA first falls below 0.98" in html
+    summary = json.loads((fresh / "summary.json").read_text())["analyze"]
+    share = [b[("base", str(i), "top_feature_share")] for i in range(5)]
+    assert summary["massive_feature_layers"] == [i for i, v in enumerate(share) if v > 0.5]
+
+
+def test_report_names_layer_ranges():
+    from sftlens.report.build import _ranges
+
+    assert _ranges([9, 2, 3, 4, 7, 10]) == "2-4, 7, 9-10"
+    assert _ranges([5]) == "5" and _ranges([]) == ""
 
 
 def test_paper_preset_uses_sigma2_erank(models):

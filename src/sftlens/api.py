@@ -211,6 +211,9 @@ def _analyze_summary(rows: list[dict[str, Any]], n_prompts: int) -> dict[str, An
         out[f"cka_first_below_{threshold}"] = (
             None if first is None else {"layer": first, "relative_depth": (first + 0.5) / len(cka)}
         )
+    # layers where one feature carries most of the base token variance: plain CKA saturates there
+    share = series(rows, "top_feature_share", model="base")
+    out["massive_feature_layers"] = [i for i, v in enumerate(share) if v > 0.5]
     return out
 
 

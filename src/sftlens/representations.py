@@ -7,7 +7,9 @@ dataset except one pooled vector per prompt and layer. Layer ``-1`` is the embed
 
 Rows written (SPEC names): ``prompt_entropy dataset_entropy erank`` (+ ``_norm``,
 ``erank_sigma2``) and ``attn_entropy`` for ``base``/``sft``; ``cka cka_unbiased cka_pooled
-cosine mean_shift mean_shift_rel attn_js`` for ``pair``. Per-head attention values go to
+cosine mean_shift mean_shift_rel attn_js`` for ``pair``. Beyond SPEC: ``cka_std`` (token CKA of
+z-scored features) for ``pair`` and ``top_feature_share`` for ``base``/``sft``, which show when
+a massive-activation dimension saturates ``cka``. Per-head attention values go to
 ``heads.csv``.
 """
 
@@ -151,6 +153,7 @@ class RepresentationPass:
                     **acc.entropy[model].compute(),
                     **acc.pooled[model].compute(self.alpha, self.preset),
                 }
+                stats["top_feature_share"] = acc.cka.top_feature_shares()[model == "sft"]
                 if self.preset == "paper":  # the paper code's effective rank uses sigma^2
                     stats["erank"], stats["erank_roy_vetterli"] = (
                         stats["erank_sigma2"],
@@ -160,7 +163,11 @@ class RepresentationPass:
                     {"model": model, "layer": layer, "metric": k, "value": v}
                     for k, v in stats.items()
                 ]
-            pair = {"cka": acc.cka.compute(), **acc.moments.compute()}
+            pair = {
+                "cka": acc.cka.compute(),
+                "cka_std": acc.cka.compute(standardize=True),
+                **acc.moments.compute(),
+            }
             pair["cka_pooled"] = acc.pooled["base"].cka(acc.pooled["sft"])
             n = acc.pooled["base"].rows.shape[0]
             pair["cka_unbiased"] = (

@@ -7,7 +7,7 @@ import doctest
 import numpy as np
 import pytest
 import torch
-from scipy.stats import ortho_group
+from scipy.stats import ortho_group, zscore
 
 from sftlens.errors import SftlensError
 from sftlens.metrics import geometry
@@ -16,6 +16,7 @@ from sftlens.metrics.geometry import (
     linear_cka,
     mean_cosine_similarity,
     mean_shift,
+    top_feature_share_from_moments,
     unbiased_cka,
 )
 
@@ -76,6 +77,35 @@ def test_cka_from_moments_equals_gram_form() -> None:
         cka_from_moments(xd.T @ xd, yd.T @ yd, xd.T @ yd, xd.sum(0), yd.sum(0), 25)
     with pytest.raises(SftlensError, match="at least 2"):
         cka_from_moments(xd.T @ xd, yd.T @ yd, yd.T @ xd, xd.sum(0), yd.sum(0), 1)
+
+
+@pytest.mark.parametrize(("n", "d1", "d2"), [(200, 6, 5), (7, 12, 9)])  # feature / Gram branch
+def test_standardized_cka_matches_numpy_zscore(n: int, d1: int, d2: int) -> None:
+    x, y = _pair(n, d1, d2)
+    want = _np_cka(zscore(x.double().numpy(), axis=0), zscore(y.double().numpy(), axis=0))
+    assert float(linear_cka(x, y, standardize=True)) == pytest.approx(want, rel=1e-10)
+
+
+def test_standardized_cka_streams_and_sees_past_a_massive_feature() -> None:
+    g = torch.Generator().manual_seed(5)
+    shared = 100.0 * torch.randn(400, 1, generator=g)  # one loud dimension in both models
+    x = torch.cat([shared, torch.randn(400, 7, generator=g)], dim=1).double()
+    y = torch.cat([shared, torch.randn(400, 7, generator=g)], dim=1).double()  # rest unrelated
+    plain, std = float(linear_cka(x, y)), float(linear_cka(x, y, standardize=True))
+    assert plain > 0.99 and std < 0.3  # plain CKA only sees the loud dimension
+    moments = dict(sxx=x.T @ x, syy=y.T @ y, sxy=y.T @ x, sx=x.sum(0), sy=y.sum(0), n=400)
+    assert float(cka_from_moments(**moments, standardize=True)) == pytest.approx(std, rel=1e-10)
+    share = float(top_feature_share_from_moments(x.T @ x, x.sum(0), 400))
+    var = x.numpy().var(axis=0)
+    assert share == pytest.approx(var.max() / var.sum(), rel=1e-10) and share > 0.99
+    # per-feature scaling changes plain CKA but not the standardized one
+    d = torch.tensor([1e-2, 1.0, 3.0, 0.1, 1.0, 5.0, 1.0, 2.0], dtype=torch.float64)
+    assert float(linear_cka(x * d, y)) != pytest.approx(plain, rel=1e-3)
+    assert float(linear_cka(x * d, y, standardize=True)) == pytest.approx(std, rel=1e-10)
+    # a constant feature (no variance) is dropped, not divided by zero
+    const = torch.full((400, 1), 3.0, dtype=torch.float64)
+    with_const = linear_cka(torch.cat([x, const], 1), y, standardize=True)
+    assert float(with_const) == pytest.approx(std, rel=1e-10)
 
 
 @pytest.mark.parametrize(("n", "d1", "d2"), [(12, 5, 3), (5, 8, 8)])

@@ -22,6 +22,7 @@ from sftlens.metrics.geometry import (
     linear_cka,
     mean_shift_from_means,
     row_cosine,
+    top_feature_share_from_moments,
     unbiased_cka,
 )
 from sftlens.metrics.information import (
@@ -115,10 +116,22 @@ class StreamingCKA(_Accumulator):
         self.sy += y.sum(dim=0)
         self.count += x.shape[0]
 
-    def compute(self) -> float:
-        """Linear CKA of all tokens seen (``cka`` in metrics.csv)."""
+    def compute(self, *, standardize: bool = False) -> float:
+        """Linear CKA of all tokens seen (``cka`` in metrics.csv; ``cka_std`` with
+        ``standardize=True``: CKA of z-scored features, see :func:`linear_cka`)."""
+        n = self._count()
         return float(
-            cka_from_moments(self.sxx, self.syy, self.sxy, self.sx, self.sy, self._count())
+            cka_from_moments(
+                self.sxx, self.syy, self.sxy, self.sx, self.sy, n, standardize=standardize
+            )
+        )
+
+    def top_feature_shares(self) -> tuple[float, float]:
+        """Largest single feature's share of the token variance, (base, SFT)."""
+        n = self._count()
+        return (
+            float(top_feature_share_from_moments(self.sxx, self.sx, n)),
+            float(top_feature_share_from_moments(self.syy, self.sy, n)),
         )
 
 

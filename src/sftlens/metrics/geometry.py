@@ -31,20 +31,38 @@ def _center(x: Tensor) -> Tensor:
     return x - x.mean(dim=0, keepdim=True)
 
 
-def linear_cka(x: Tensor, y: Tensor) -> Tensor:
+def _feature_scales(var: Tensor, raw_second_moment: Tensor) -> Tensor:
+    """``1 / std`` per feature, 0 for a feature without variance (beyond rounding of its moments)."""
+    alive = var > 64 * torch.finfo(torch.float64).eps * raw_second_moment
+    return torch.where(alive, var.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), 0.0)
+
+
+def linear_cka(x: Tensor, y: Tensor, *, standardize: bool = False) -> Tensor:
     """Linear CKA (Kornblith et al. 2019) of x (n, d1) and y (n, d2), columns centred.
 
     ``CKA = ||Y^T X||_F^2 / (||X^T X||_F * ||Y^T Y||_F)``, evaluated through the ``n x n`` Grams
     ``tr(K_x K_y) / (||K_x||_F ||K_y||_F)`` when ``n`` is smaller than both widths. NaN when
     either side has no variance. Needs ``n >= 2``.
 
+    ``standardize=True`` also divides each column by its standard deviation (features without
+    variance are dropped): CKA of the z-scored features, i.e. of the correlation structure.
+    Plain linear CKA weighs features by their variance, so a few "massive activation" dimensions
+    that carry almost all of it make it read ~1 whatever the other dimensions do.
+
     Example:
         >>> x = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
         >>> round(float(linear_cka(x, 3.0 * x + 1.0)), 6)
         1.0
+        >>> scale = torch.tensor([100.0, 1, 1, 1, 1, 1, 1, 1])  # one loud feature
+        >>> round(float(linear_cka(x * scale, x * scale, standardize=True)), 6)
+        1.0
     """
     x, y = _pair(x, y, min_rows=2)
+    raw_x, raw_y = x.square().mean(0), y.square().mean(0)  # (d1,), (d2,)
     x, y = _center(x), _center(y)  # (n, d1), (n, d2)
+    if standardize:
+        x = x * _feature_scales(x.square().mean(0), raw_x)
+        y = y * _feature_scales(y.square().mean(0), raw_y)
     if x.shape[0] < min(x.shape[1], y.shape[1]):
         kx, ky = x @ x.T, y @ y.T  # (n, n)
         return (kx * ky).sum() / (torch.linalg.norm(kx) * torch.linalg.norm(ky))
@@ -53,13 +71,22 @@ def linear_cka(x: Tensor, y: Tensor) -> Tensor:
 
 
 def cka_from_moments(
-    sxx: Tensor, syy: Tensor, sxy: Tensor, sx: Tensor, sy: Tensor, n: int | float | Tensor
+    sxx: Tensor,
+    syy: Tensor,
+    sxy: Tensor,
+    sx: Tensor,
+    sy: Tensor,
+    n: int | float | Tensor,
+    *,
+    standardize: bool = False,
 ) -> Tensor:
     """Linear CKA from uncentred sums, exactly the value of :func:`linear_cka` on the rows.
 
     With ``sxx = X^T X`` (d1, d1), ``syy = Y^T Y`` (d2, d2), ``sxy = Y^T X`` (d2, d1), column sums
     ``sx`` (d1,), ``sy`` (d2,) over ``n`` rows, centre algebraically
     (``X^T X - sx sx^T / n`` etc.) and return ``||C_yx||_F^2 / (||C_xx||_F ||C_yy||_F)``.
+    ``standardize=True`` turns the covariances into correlations first (``D^-1/2 C D^-1/2``
+    with ``D`` the variances), the value of ``linear_cka(x, y, standardize=True)``.
 
     Example:
         >>> x = torch.randn(40, 3, generator=torch.Generator().manual_seed(0)).double()
@@ -83,7 +110,32 @@ def cka_from_moments(
     cxx = sxx - torch.outer(sx, sx) / n  # (d1, d1)
     cyy = syy - torch.outer(sy, sy) / n  # (d2, d2)
     cyx = sxy - torch.outer(sy, sx) / n  # (d2, d1)
+    if standardize:
+        ax = _feature_scales(cxx.diagonal(), sxx.diagonal())  # (d1,) 1 / std
+        ay = _feature_scales(cyy.diagonal(), syy.diagonal())  # (d2,)
+        cxx, cyy, cyx = (
+            cxx * torch.outer(ax, ax),
+            cyy * torch.outer(ay, ay),
+            cyx * torch.outer(ay, ax),
+        )
     return torch.linalg.norm(cyx) ** 2 / (torch.linalg.norm(cxx) * torch.linalg.norm(cyy))
+
+
+def top_feature_share_from_moments(sxx: Tensor, sx: Tensor, n: int | float | Tensor) -> Tensor:
+    """The largest single feature's share of the total variance, ``max_i C_ii / tr(C)``.
+
+    From the same sums as :func:`cka_from_moments`. Near 1, one "massive activation" dimension
+    carries the variance and plain linear CKA mostly compares that one dimension.
+
+    Example:
+        >>> x = torch.tensor([[10.0, 0.0], [-10.0, 1.0], [0.0, -1.0]], dtype=torch.float64)
+        >>> round(float(top_feature_share_from_moments(x.T @ x, x.sum(0), 3)), 4)
+        0.9901
+    """
+    sxx, sx = torch.as_tensor(sxx).to(torch.float64), torch.as_tensor(sx).to(torch.float64)
+    var = (sxx.diagonal() - sx.square() / float(n)).clamp_min(0.0)  # (d,) n * variance
+    total = var.sum()
+    return var.max() / total if total > 0 else total
 
 
 def _unbiased_hsic(k: Tensor, l: Tensor) -> Tensor:  # noqa: E741

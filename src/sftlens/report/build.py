@@ -24,6 +24,7 @@ WEIGHT_COLUMNS = (
 
 PAIR_COLUMNS = (
     "cka",
+    "cka_std",
     "cka_pooled",
     "cka_unbiased",
     "cosine",
@@ -38,6 +39,7 @@ MODEL_COLUMNS = (
     "dataset_entropy_norm",
     "erank",
     "erank_sigma2",
+    "top_feature_share",
     "attn_entropy",
 )
 
@@ -88,6 +90,14 @@ def build_report(run: Path) -> Path:
                 else f"at layer {hit['layer']} (relative depth {hit['relative_depth']:.2f})"
             )
             body += f"<p>Token-level CKA first falls below {threshold}: {esc(where)}.</p>"
+        massive = a.get("massive_feature_layers") or []
+        if massive:
+            body += (
+                f"<p>In {len(massive)} layers ({esc(_ranges(massive))}) a single feature carries "
+                "more than half of the base model's token variance (a massive activation); plain "
+                "CKA mostly compares that feature there. <code>cka_std</code> (CKA of z-scored "
+                "features) weighs every feature alike.</p>"
+            )
         for name in (
             "geometry_similarity.png",
             "geometry_mean_shift.png",
@@ -110,3 +120,14 @@ def build_report(run: Path) -> Path:
     )
     sections.append(("Files in this run", f"<ul>{files}</ul>"))
     return render("sftlens report", sections, run / "report.html")
+
+
+def _ranges(layers: list[int]) -> str:
+    """``[2, 3, 4, 7]`` -> ``"2-4, 7"``."""
+    parts: list[str] = []
+    for i in sorted(layers):
+        if parts and i == int(parts[-1].rsplit("-", 1)[-1]) + 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{i}"
+        else:
+            parts.append(str(i))
+    return ", ".join(parts)

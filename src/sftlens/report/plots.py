@@ -134,7 +134,9 @@ def plot_representations(rows: Sequence[Row], plots_dir: str | Path) -> list[Pat
                 ylabel="erank",
             )
         )
-    geometry = {m: series(rows, m) for m in ("cka", "cka_pooled", "cka_unbiased", "cosine")}
+    geometry = {
+        m: series(rows, m) for m in ("cka", "cka_std", "cka_pooled", "cka_unbiased", "cosine")
+    }
     if any(geometry.values()):
         out.append(
             plot_layers(
