@@ -292,3 +292,15 @@ def test_paper_preset_uses_sigma2_erank(models):
     )
     assert p[("base", 2, "erank")] == pytest.approx(d[("base", 2, "erank_sigma2")])
     assert p[("base", 2, "prompt_entropy")] != pytest.approx(d[("base", 2, "prompt_entropy")])
+
+
+def test_analyze_cli_without_attention(tiny_pair, tmp_path):
+    """--no-attention loads the default (sdpa) attention and never asks for attention weights."""
+    from sftlens.cli import main
+
+    base, sft = tiny_pair
+    out = tmp_path / "run"
+    args = ["analyze", str(base), str(sft), "--out", str(out), "--data", "synthetic"]
+    assert main([*args, "--max-prompts", "6", "--no-attention", "--no-progress"]) == 0
+    metrics = {r["metric"] for r in csv.DictReader((out / "metrics.csv").open())}
+    assert "cka" in metrics and "attn_js" not in metrics and "attn_entropy" not in metrics

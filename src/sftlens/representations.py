@@ -236,7 +236,8 @@ def run_pass(
 
     With ``world_size > 1`` each rank takes every ``world_size``-th batch; call
     :meth:`RepresentationPass.all_reduce_` afterwards. ``on_batch(i, state)`` is called after
-    each batch (used to checkpoint), ``start_batch`` skips batches already accumulated.
+    each batch (used to checkpoint), ``start_batch`` skips batches already accumulated. With a
+    ``state``, its settings (attention, alpha, preset, pooling) apply and the keywords are ignored.
     """
     if not texts:
         raise SftlensError("no prompts to analyse; check --data and --split")
@@ -250,6 +251,7 @@ def run_pass(
         pooling=pooling,
         attention=attention,
     )
+    attention = acc.attention  # a given state decides: its accumulators expect attentions or not
     ids = tokenize(tok, texts, max_length=max_length, truncate=truncate)
     # longest first: batches waste little padding, the peak-memory batch comes first (an
     # out-of-memory fails at once, and later, smaller batches reuse its freed buffers instead
