@@ -99,13 +99,20 @@ def _output_tensor(output: Any) -> torch.Tensor:
 def capture(
     model: nn.Module, batch: Batch, *, attentions: bool = False
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """States ``[h_emb, h_0, ..., h_{L-1}]`` each (B, T, D), and attentions (B, H, T, T) per block."""
+    """States ``[h_emb, h_0, ..., h_{L-1}]`` each (B, T, D), and attentions (B, H, T, T) per block.
+
+    ``h_emb`` is the input of block 0 (HF's ``hidden_states[0]``), ``h_l`` the raw output of
+    block ``l`` (the last one before the final norm).
+    """
     blocks = surgery.get_blocks(model)
-    embedding = surgery.get_embedding(model)
     states: dict[int, torch.Tensor] = {}
-    handles = [
-        embedding.register_forward_hook(lambda m, i, o: states.__setitem__(-1, _output_tensor(o)))
-    ]
+
+    def block_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # the residual stream entering block 0: token embeddings plus whatever the architecture
+        # adds before the first block (GPT-2's position embeddings, Gemma's sqrt(d) scaling)
+        states[-1] = args[0] if args else kwargs["hidden_states"]
+
+    handles = [blocks[0].register_forward_pre_hook(block_input, with_kwargs=True)]
     for idx, block in enumerate(blocks):
         handles.append(
             block.register_forward_hook(

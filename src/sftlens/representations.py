@@ -3,7 +3,8 @@
 For each batch the BASE model runs first and its block outputs are kept for that batch only;
 then the SFT model runs and, block by block, both models' states for the same real tokens
 meet in per-layer accumulators (:mod:`sftlens.metrics.accumulators`). Nothing grows with the
-dataset except one pooled vector per prompt and layer. Layer ``-1`` is the embedding output.
+dataset except one pooled vector per prompt and layer. Layer ``-1`` is the embedding output
+(the input of block 0).
 
 Rows written (SPEC names): ``prompt_entropy dataset_entropy erank`` (+ ``_norm``,
 ``erank_sigma2``) and ``attn_entropy`` for ``base``/``sft``; ``cka cka_unbiased cka_pooled

@@ -163,6 +163,25 @@ def test_body_gives_the_models_hidden_states_without_the_lm_head(
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
+def test_capture_through_the_body_on_every_architecture(
+    arch: str, models: dict[str, nn.Module]
+) -> None:
+    """capture (body forward, padding, explicit positions, eager attention) on each family."""
+    from sftlens.capture import capture, make_batches
+
+    model = models[arch]
+    model.set_attn_implementation("eager")
+    batch = next(make_batches([[1, 5, 7, 2, 9], [4, 3]], batch_size=2, pad_id=0))
+    states, attn = capture(model, batch, attentions=True)
+    with torch.no_grad():
+        want = model(input_ids=batch.input_ids[:1], output_hidden_states=True).hidden_states
+    assert len(states) == len(want) == 4 and attn is not None and len(attn) == 3
+    for got, ref in zip(states[:-1], want[:-1], strict=True):  # HF's last entry is post-norm
+        torch.testing.assert_close(got[:1], ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(S.get_final_norm(model)(states[-1][:1]), want[-1])
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_classify_covers_every_state_dict_key(arch: str, models: dict[str, nn.Module]) -> None:
     model = models[arch]
     spec = S.arch_spec(model)
