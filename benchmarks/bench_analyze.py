@@ -47,6 +47,17 @@ def child(variant: str, base: str, sft: str, prompts: int, text: str, batch_size
         for e in examples
     ]
     tokens = sum(len(t) for t in tokenize(tok, texts, max_length=512))
+    gram_bytes = 2 * tokens**2 * 8  # paper-gram's K and L, float64 n x n, centred in place
+    if variant == "paper-gram" and gram_bytes > 0.8 * _available_bytes():
+        return {
+            "variant": variant,
+            "prompts": prompts,
+            "tokens": tokens,
+            "seconds": float("nan"),
+            "peak_rss_mib": float("nan"),
+            "skipped": f"needs {gram_bytes / 2**30:.0f} GiB for the n x n token Grams, "
+            f"{_available_bytes() / 2**30:.0f} GiB available",
+        }
     cka: list[float] = []
     t0 = time.perf_counter()
     if variant in ("plain", "body"):
@@ -82,18 +93,6 @@ def child(variant: str, base: str, sft: str, prompts: int, text: str, batch_size
         ).rows()
         cka = [r["value"] for r in rows if r["model"] == "pair" and r["metric"] == "cka"]
     elif variant in ("paper", "paper-gram"):
-        gram_bytes = 2 * tokens**2 * 8  # K and L, float64 n x n, centred in place
-        available = _available_bytes()
-        if variant == "paper-gram" and gram_bytes > 0.8 * available:
-            return {
-                "variant": variant,
-                "prompts": prompts,
-                "tokens": tokens,
-                "seconds": float("nan"),
-                "peak_rss_mib": float("nan"),
-                "skipped": f"needs {gram_bytes / 2**30:.0f} GiB for the n x n token Grams, "
-                f"{available / 2**30:.0f} GiB available",
-            }
         cka = paper_approach(b_model, s_model, tok, texts, batch_size, gram=variant == "paper-gram")
     seconds = time.perf_counter() - t0
     return {

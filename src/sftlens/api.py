@@ -165,7 +165,6 @@ def run_analyze(cfg: AnalyzeConfig, run: RunFolder | None = None) -> Path:
                 max_length=cfg.max_length,
                 truncate=cfg.truncate,
                 padding_side=cfg.padding_side,
-                attention=cfg.attention,
                 progress=cfg.progress and is_main(),
                 rank=rank,
                 world_size=world,

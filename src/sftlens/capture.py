@@ -1,8 +1,9 @@
 """Run a model over a batch and hand back every block's output (and attention, if asked).
 
-Block outputs are taken with forward hooks on the embedding and on each block found by
-:mod:`sftlens.models.surgery`, so the last block is never dropped and the final norm is never
-applied (unlike ``output_hidden_states``, whose last entry is usually post-norm).
+Block outputs are taken with hooks on the blocks found by :mod:`sftlens.models.surgery` (a
+pre-hook on block 0 for the embeddings, a forward hook on every block), so the last block is
+never dropped and the final norm is never applied (unlike ``output_hidden_states``, whose last
+entry is usually post-norm). The model runs without its LM head (``surgery.get_body``).
 Padding is handled here once: explicit ``position_ids`` from the attention mask make left and
 right padding give the same states for the real tokens.
 """

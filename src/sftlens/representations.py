@@ -204,12 +204,11 @@ class RepresentationPass:
 def _pool(rows: Tensor, lengths: Tensor, pooling: str) -> Tensor:
     """One vector per prompt from its real rows, stored prompt after prompt: the mean of each
     prompt's rows, or its last row (the last real token). (N, D), (B,) -> (B, D) float64."""
-    ends = lengths.cumsum(0)  # (B,) one past each prompt's last row
     if pooling == "mean":
         prompt = torch.repeat_interleave(torch.arange(len(lengths), device=rows.device), lengths)
         sums = rows.new_zeros(len(lengths), rows.shape[1]).index_add_(0, prompt, rows)
         return sums / lengths.unsqueeze(-1).to(rows.dtype)
-    return rows[ends - 1]
+    return rows[lengths.cumsum(0) - 1]  # each prompt's last row
 
 
 def run_pass(

@@ -58,11 +58,13 @@ def linear_cka(x: Tensor, y: Tensor, *, standardize: bool = False) -> Tensor:
         1.0
     """
     x, y = _pair(x, y, min_rows=2)
-    raw_x, raw_y = x.square().mean(0), y.square().mean(0)  # (d1,), (d2,)
-    x, y = _center(x), _center(y)  # (n, d1), (n, d2)
     if standardize:
+        raw_x, raw_y = x.square().mean(0), y.square().mean(0)  # (d1,), (d2,)
+        x, y = _center(x), _center(y)  # (n, d1), (n, d2)
         x = x * _feature_scales(x.square().mean(0), raw_x)
         y = y * _feature_scales(y.square().mean(0), raw_y)
+    else:
+        x, y = _center(x), _center(y)
     if x.shape[0] < min(x.shape[1], y.shape[1]):
         kx, ky = x @ x.T, y @ y.T  # (n, n)
         return (kx * ky).sum() / (torch.linalg.norm(kx) * torch.linalg.norm(ky))
