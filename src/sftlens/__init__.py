@@ -15,6 +15,10 @@ _API = {
     "analyze",
     "sft",
     "demo",
+    "evaluate",
+    "probe",
+    "swap",
+    "interpolate",
     "load_model",
     "resolve_model",
 }

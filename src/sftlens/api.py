@@ -13,13 +13,34 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sftlens.config import AnalyzeConfig, DemoConfig, SFTConfig, WeightsConfig
+from sftlens.config import (
+    AnalyzeConfig,
+    DemoConfig,
+    EvalConfig,
+    InterpolateConfig,
+    ProbeConfig,
+    SFTConfig,
+    SwapConfig,
+    WeightsConfig,
+)
 from sftlens.models.loading import load_model, resolve_model
 from sftlens.run import RunFolder, fingerprint
 
 log = logging.getLogger("sftlens")
 
-__all__ = ["analyze", "demo", "load_model", "report", "resolve_model", "sft", "weights"]
+__all__ = [
+    "analyze",
+    "demo",
+    "evaluate",
+    "interpolate",
+    "load_model",
+    "probe",
+    "report",
+    "resolve_model",
+    "sft",
+    "swap",
+    "weights",
+]
 
 
 def weights(base: str, sft: str, **options: Any) -> Path:
@@ -222,6 +243,34 @@ def sft(model: str, **options: Any) -> Path:
     from sftlens.tuning.sft import train_sft
 
     return train_sft(SFTConfig(model=model, **options))
+
+
+def evaluate(model: str, **options: Any) -> Path:
+    """GSM8K accuracy and teacher-forced scores of MODEL; options: :class:`sftlens.config.EvalConfig`."""
+    from sftlens.evaluation.evaluate import run_eval
+
+    return run_eval(EvalConfig(model=model, **options))
+
+
+def probe(base: str, sft: str, **options: Any) -> Path:
+    """Logit-lens readouts of every layer; options: :class:`sftlens.config.ProbeConfig`."""
+    from sftlens.experiments.probe import run_probe
+
+    return run_probe(ProbeConfig(base=base, sft=sft, **options))
+
+
+def swap(base: str, sft: str, **options: Any) -> Path:
+    """Block-swap hybrids of BASE and SFT; options: :class:`sftlens.config.SwapConfig`."""
+    from sftlens.experiments.swap import run_swap
+
+    return run_swap(SwapConfig(base=base, sft=sft, **options))
+
+
+def interpolate(base: str, sft: str, **options: Any) -> Path:
+    """Weight interpolation between BASE and SFT; options: :class:`sftlens.config.InterpolateConfig`."""
+    from sftlens.experiments.interpolate import run_interpolate
+
+    return run_interpolate(InterpolateConfig(base=base, sft=sft, **options))
 
 
 def demo(**options: Any) -> Path:

@@ -14,7 +14,11 @@ from typing import Any
 from sftlens.config import (
     AnalyzeConfig,
     DemoConfig,
+    EvalConfig,
+    InterpolateConfig,
+    ProbeConfig,
     SFTConfig,
+    SwapConfig,
     WeightsConfig,
     add_arguments,
     from_namespace,
@@ -48,6 +52,30 @@ def _demo(ns: argparse.Namespace) -> Any:
     return api.demo(**dataclasses.asdict(from_namespace(DemoConfig, ns)))
 
 
+def _eval(ns: argparse.Namespace) -> Any:
+    from sftlens.evaluation.evaluate import run_eval
+
+    return run_eval(from_namespace(EvalConfig, ns))
+
+
+def _probe(ns: argparse.Namespace) -> Any:
+    from sftlens.experiments.probe import run_probe
+
+    return run_probe(from_namespace(ProbeConfig, ns))
+
+
+def _swap(ns: argparse.Namespace) -> Any:
+    from sftlens.experiments.swap import run_swap
+
+    return run_swap(from_namespace(SwapConfig, ns))
+
+
+def _interpolate(ns: argparse.Namespace) -> Any:
+    from sftlens.experiments.interpolate import run_interpolate
+
+    return run_interpolate(from_namespace(InterpolateConfig, ns))
+
+
 def _report(ns: argparse.Namespace) -> Any:
     from sftlens import api
 
@@ -71,6 +99,18 @@ COMMANDS: dict[str, tuple[type | None, Callable[[argparse.Namespace], Any], str]
         "hidden-state and attention metrics of BASE vs SFT (one streaming pass)",
     ),
     "sft": (SFTConfig, _sft, "full-parameter SFT on GSM8K-format data (resumable)"),
+    "eval": (
+        EvalConfig,
+        _eval,
+        "GSM8K accuracy (strict, flexible) and teacher-forced answer scores",
+    ),
+    "probe": (ProbeConfig, _probe, "logit-lens readout of every layer of BASE and SFT"),
+    "swap": (SwapConfig, _swap, "hybrids with depth blocks exchanged between BASE and SFT"),
+    "interpolate": (
+        InterpolateConfig,
+        _interpolate,
+        "a * SFT + (1 - a) * BASE, for all layers or per depth block",
+    ),
     "report": (None, _report, "rebuild report.html of a run folder"),
 }
 

@@ -229,3 +229,128 @@ class AnalyzeConfig:
             f"--pooling must be 'mean' or 'last', got '{self.pooling}'",
         )
         _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got '{self.dtype}'")
+
+
+# -- experiments and evaluation -----------------------------------------------------------------
+# Each class below belongs to one command; its module (named in the docstring) does the work.
+
+
+@dataclass
+class EvalConfig:
+    """``sftlens eval MODEL``: GSM8K accuracy (strict and flexible) and teacher-forced scores.
+
+    Work: :mod:`sftlens.evaluation.evaluate`.
+    """
+
+    model: str = arg(help="model: folder, .gguf file, hub id or alias", positional=True)
+    adapter: str | None = arg(None, help="PEFT adapter folder to load on top of MODEL")
+    out: str = arg("runs/eval", help="run folder")
+    data: str = arg("auto", help="jsonl file, folder, 'gsm8k', 'synthetic' or 'auto'")
+    split: str = arg("test", help="split to score (exemplars always come from 'train')")
+    limit: int | None = arg(200, help="score the first N problems of the split (None: all)")
+    shots: int = arg(5, help="solved exemplars before each question (0: zero-shot)")
+    chat: bool = arg(False, help="wrap the prompt in the tokenizer's chat template")
+    batch_size: int = arg(16, help="sequences generated together")
+    max_new_tokens: int = arg(256, help="generation stops after this many new tokens")
+    teacher_forced: bool = arg(
+        True, help="also score answer_nll / answer_token_acc on gold answers"
+    )
+    dtype: str = arg("float32", help="model dtype")
+    device: str = arg("auto", help="'auto', 'cpu' or 'cuda'")
+    allow_pickle: bool = arg(False, help="allow reading pickle (*.bin) checkpoints you trust")
+    progress: bool = arg(True, help="show progress bars")
+
+    def __post_init__(self) -> None:
+        _check(self.limit is None or self.limit >= 1, f"--limit must be >= 1, got {self.limit}")
+        _check(self.shots >= 0, f"--shots must be >= 0, got {self.shots}")
+        _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        _check(
+            self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"
+        )
+        _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got '{self.dtype}'")
+
+
+@dataclass
+class ProbeConfig:
+    """``sftlens probe BASE SFT``: logit-lens (and tuned-lens) readouts of every layer.
+
+    Work: :mod:`sftlens.experiments.probe`.
+    """
+
+    base: str = arg(help="BASE model: folder, .gguf file, hub id or alias", positional=True)
+    sft: str = arg(help="SFT model: folder, .gguf file, hub id or alias", positional=True)
+    out: str = arg("runs/probe", help="run folder")
+    data: str = arg("auto", help="jsonl file, folder, 'gsm8k', 'synthetic' or 'auto'")
+    split: str = arg("test", help="split whose problems are probed")
+    max_prompts: int = arg(64, help="number of problems (first N of the split)")
+    batch_size: int = arg(8, help="sequences per forward pass")
+    max_length: int = arg(512, help="tokens per question + answer (longer ones are truncated)")
+    dtype: str = arg("float32", help="model dtype (reductions are float64 regardless)")
+    device: str = arg("auto", help="'auto', 'cpu' or 'cuda'")
+    allow_pickle: bool = arg(False, help="allow reading pickle (*.bin) checkpoints you trust")
+    progress: bool = arg(True, help="show progress bars")
+
+    def __post_init__(self) -> None:
+        _check(self.max_prompts >= 1, f"--max-prompts must be >= 1, got {self.max_prompts}")
+        _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        _check(self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
+        _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got '{self.dtype}'")
+
+
+@dataclass
+class SwapConfig:
+    """``sftlens swap BASE SFT``: hybrids with blocks exchanged between the two models.
+
+    Work: :mod:`sftlens.experiments.swap`.
+    """
+
+    base: str = arg(help="BASE model: folder, .gguf file, hub id or alias", positional=True)
+    sft: str = arg(help="SFT model: folder, .gguf file, hub id or alias", positional=True)
+    out: str = arg("runs/swap", help="run folder")
+    blocks: int = arg(5, help="swap each of K depth blocks (0: only --spans)")
+    spans: str = arg("", help="extra layer spans [i, j), e.g. '0:6,24:30'")
+    data: str = arg("auto", help="jsonl file, folder, 'gsm8k', 'synthetic' or 'auto'")
+    split: str = arg("test", help="split whose problems score each hybrid")
+    limit: int = arg(64, help="problems for the teacher-forced scores")
+    batch_size: int = arg(8, help="sequences per forward pass")
+    max_length: int = arg(512, help="tokens per question + answer")
+    dtype: str = arg("float32", help="model dtype")
+    device: str = arg("auto", help="'auto', 'cpu' or 'cuda'")
+    allow_pickle: bool = arg(False, help="allow reading pickle (*.bin) checkpoints you trust")
+    progress: bool = arg(True, help="show progress bars")
+
+    def __post_init__(self) -> None:
+        _check(self.blocks >= 0, f"--blocks must be >= 0, got {self.blocks}")
+        _check(self.limit >= 1, f"--limit must be >= 1, got {self.limit}")
+        _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got '{self.dtype}'")
+
+
+@dataclass
+class InterpolateConfig:
+    """``sftlens interpolate BASE SFT``: ``a * sft + (1 - a) * base``, all layers or per span.
+
+    Work: :mod:`sftlens.experiments.interpolate`.
+    """
+
+    base: str = arg(help="BASE model: folder, .gguf file, hub id or alias", positional=True)
+    sft: str = arg(help="SFT model: folder, .gguf file, hub id or alias", positional=True)
+    out: str = arg("runs/interpolate", help="run folder")
+    alphas: str = arg("0,0.25,0.5,0.75,1", help="interpolation weights of the SFT model")
+    blocks: int = arg(0, help="also interpolate each of K depth blocks alone (0: all layers only)")
+    spans: str = arg("", help="extra layer spans [i, j), e.g. '0:6,24:30'")
+    data: str = arg("auto", help="jsonl file, folder, 'gsm8k', 'synthetic' or 'auto'")
+    split: str = arg("test", help="split whose problems score each model")
+    limit: int = arg(64, help="problems for the teacher-forced scores")
+    batch_size: int = arg(8, help="sequences per forward pass")
+    max_length: int = arg(512, help="tokens per question + answer")
+    dtype: str = arg("float32", help="model dtype")
+    device: str = arg("auto", help="'auto', 'cpu' or 'cuda'")
+    allow_pickle: bool = arg(False, help="allow reading pickle (*.bin) checkpoints you trust")
+    progress: bool = arg(True, help="show progress bars")
+
+    def __post_init__(self) -> None:
+        _check(self.blocks >= 0, f"--blocks must be >= 0, got {self.blocks}")
+        _check(self.limit >= 1, f"--limit must be >= 1, got {self.limit}")
+        _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got '{self.dtype}'")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,14 @@ MODEL_COLUMNS = (
     "erank_sigma2",
     "top_feature_share",
     "attn_entropy",
+)
+
+
+_EXPERIMENT_SECTIONS = (
+    "sftlens.evaluation.evaluate",
+    "sftlens.experiments.probe",
+    "sftlens.experiments.swap",
+    "sftlens.experiments.interpolate",
 )
 
 
@@ -112,6 +121,12 @@ def build_report(run: Path) -> Path:
         for model in ("base", "sft"):
             body += f"<h3>{model}</h3>" + layer_table(rows, MODEL_COLUMNS, model)
         sections.append(("Representations (information, geometry, attention)", body))
+
+    # each experiment renders its own section from the files it wrote (None: not in this run)
+    for module in _EXPERIMENT_SECTIONS:
+        section = importlib.import_module(module).report_section(run, rows, summary)
+        if section is not None:
+            sections.append(section)
 
     files = "".join(
         f"<li><code>{esc(p.name)}</code></li>"

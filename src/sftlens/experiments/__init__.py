@@ -1,0 +1,1 @@
+"""Causal experiments: logit/tuned lens probing, layer swapping, layer-wise interpolation."""
