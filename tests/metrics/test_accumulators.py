@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import doctest
+import itertools
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from sftlens.errors import SftlensError
 from sftlens.metrics import accumulators
@@ -234,3 +237,53 @@ def test_prompt_entropy_batched_equals_per_prompt(preset, alpha, side):
     got, want = batched.compute(), single.compute()
     for k in want:
         assert got[k] == pytest.approx(want[k], rel=1e-10, abs=1e-12), k
+
+
+def _np_std_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """CKA of z-scored features (population std), constant columns removed: numpy float64."""
+    x, y = x[:, np.ptp(x, axis=0) > 0], y[:, np.ptp(y, axis=0) > 0]
+    x = (x - x.mean(0)) / x.std(0)
+    y = (y - y.mean(0)) / y.std(0)
+    num = np.linalg.norm(y.T @ x) ** 2
+    return float(num / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
+
+
+_CONSTANTS = st.one_of(
+    st.sampled_from([0.7, 5.1, -0.1, 3.0, 123.456]),
+    st.floats(min_value=1e-3, max_value=1e4).flatmap(lambda v: st.sampled_from([v, -v])),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@example(cx=0.7, cy=5.1, n=3000, cuts=[0.3], jitter=False, seed=0)  # 0.65 vs 0.68 before the fix
+@given(
+    cx=_CONSTANTS,
+    cy=_CONSTANTS,
+    n=st.integers(min_value=2, max_value=5000),
+    cuts=st.lists(st.floats(min_value=0.0, max_value=1.0), max_size=5),
+    jitter=st.booleans(),
+    seed=st.integers(min_value=0, max_value=2**16),
+)
+def test_streamed_and_one_shot_cka_std_drop_constant_features_alike(
+    cx: float, cy: float, n: int, cuts: list[float], jitter: bool, seed: int
+) -> None:
+    """A constant (or constant up to a few ulps) feature of any value is dropped by both the
+    streamed and the one-shot standardized CKA, over any number of rows and any batch split;
+    a feature with a large mean and a small but real spread is kept by both."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 4))
+    y = x[:, :3] @ rng.standard_normal((3, 3)) + rng.standard_normal((n, 3))
+    x[:, 1], y[:, 2] = cx, cy
+    if jitter:  # rounding-level spread: still no variance worth standardizing
+        eps = np.finfo(np.float64).eps
+        x[:, 1] *= 1.0 + eps * rng.integers(-4, 5, n)
+        y[:, 2] *= 1.0 + eps * rng.integers(-4, 5, n)
+    x[:, 3] = 50.0 * cx * (1.0 + 1e-2 * rng.standard_normal(n))  # loud mean, real 1% spread
+    want = _np_std_cka(x[:, [0, 2, 3]], y[:, :2])  # the constant columns dropped by hand
+    acc = StreamingCKA(4, 3)
+    bounds = sorted({0, n, *(round(c * n) for c in cuts)})
+    for lo, hi in itertools.pairwise(bounds):
+        acc.update(torch.from_numpy(x[lo:hi]), torch.from_numpy(y[lo:hi]))
+    one_shot = float(linear_cka(torch.from_numpy(x), torch.from_numpy(y), standardize=True))
+    assert one_shot == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert acc.compute(standardize=True) == pytest.approx(want, rel=1e-9, abs=1e-12)

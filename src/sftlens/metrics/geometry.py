@@ -31,9 +31,20 @@ def _center(x: Tensor) -> Tensor:
     return x - x.mean(dim=0, keepdim=True)
 
 
-def _feature_scales(var: Tensor, raw_second_moment: Tensor) -> Tensor:
-    """``1 / std`` per feature, 0 for a feature without variance (beyond rounding of its moments)."""
-    alive = var > 64 * torch.finfo(torch.float64).eps * raw_second_moment
+def _feature_scales(var: Tensor, raw_second_moment: Tensor, n: float) -> Tensor:
+    """``1 / std`` per feature, 0 for a feature whose variance is within rounding of zero.
+
+    ``var`` and ``raw_second_moment`` are the centred and uncentred second moments over ``n``
+    rows, both as means or both as sums (only their ratio matters). The streamed variance
+    ``sum x^2 - (sum x)^2 / n`` cancels catastrophically for a (near-)constant feature: float64
+    sums of ``n`` terms carry a relative error up to ``~n * eps``, so the residual can reach a
+    few ``n * eps * sum x^2`` (a constant 0.7 over 3000 rows leaves ~1e-13 of it). A feature
+    counts as having variance only above ``64 * n * eps`` times its raw second moment (for
+    ``n = 1e5`` rows: a spread below ~5e-5 of its mean); :func:`linear_cka` and
+    :func:`cka_from_moments` apply this same test, so they drop the same features.
+    """
+    eps = torch.finfo(torch.float64).eps
+    alive = var > 64.0 * eps * max(float(n), 1.0) * raw_second_moment
     return torch.where(alive, var.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), 0.0)
 
 
@@ -45,7 +56,8 @@ def linear_cka(x: Tensor, y: Tensor, *, standardize: bool = False) -> Tensor:
     either side has no variance. Needs ``n >= 2``.
 
     ``standardize=True`` also divides each column by its standard deviation (features without
-    variance are dropped): CKA of the z-scored features, i.e. of the correlation structure.
+    variance beyond rounding are dropped, by the same test as :func:`cka_from_moments`): CKA of
+    the z-scored features, i.e. of the correlation structure.
     Plain linear CKA weighs features by their variance, so a few "massive activation" dimensions
     that carry almost all of it make it read ~1 whatever the other dimensions do.
 
@@ -61,8 +73,9 @@ def linear_cka(x: Tensor, y: Tensor, *, standardize: bool = False) -> Tensor:
     if standardize:
         raw_x, raw_y = x.square().mean(0), y.square().mean(0)  # (d1,), (d2,)
         x, y = _center(x), _center(y)  # (n, d1), (n, d2)
-        x = x * _feature_scales(x.square().mean(0), raw_x)
-        y = y * _feature_scales(y.square().mean(0), raw_y)
+        n = x.shape[0]
+        x = x * _feature_scales(x.square().mean(0), raw_x, n)
+        y = y * _feature_scales(y.square().mean(0), raw_y, n)
     else:
         x, y = _center(x), _center(y)
     if x.shape[0] < min(x.shape[1], y.shape[1]):
@@ -113,8 +126,9 @@ def cka_from_moments(
     cyy = syy - torch.outer(sy, sy) / n  # (d2, d2)
     cyx = sxy - torch.outer(sy, sx) / n  # (d2, d1)
     if standardize:
-        ax = _feature_scales(cxx.diagonal(), sxx.diagonal())  # (d1,) 1 / std
-        ay = _feature_scales(cyy.diagonal(), syy.diagonal())  # (d2,)
+        # sums, not means: the same ratio, so the same features as linear_cka are dropped
+        ax = _feature_scales(cxx.diagonal(), sxx.diagonal(), n)  # (d1,) 1 / sqrt(n var)
+        ay = _feature_scales(cyy.diagonal(), syy.diagonal(), n)  # (d2,)
         cxx, cyy, cyx = (
             cxx * torch.outer(ax, ax),
             cyy * torch.outer(ay, ay),
