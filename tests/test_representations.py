@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -270,28 +271,69 @@ def test_report_names_layer_ranges():
     assert _ranges([5]) == "5" and _ranges([]) == ""
 
 
-def test_paper_preset_uses_sigma2_erank(models):
+def _np_entropy(lam: np.ndarray) -> float:
+    p = lam[lam > 0] / lam.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def _np_unit_rows(z: np.ndarray) -> np.ndarray:
+    return z / np.linalg.norm(z, axis=1, keepdims=True)  # no centring: the paper code's way
+
+
+# 36 prompts > 32 features: the paper code's other dataset-entropy branch
+MANY = [f"Question: {i // 10} {i % 10} + {(3 * i) % 10} ? Answer: {i % 7}" for i in range(36)]
+
+
+@pytest.mark.parametrize("texts", [TEXTS, MANY], ids=["n<=d", "n>d"])
+def test_paper_preset_matches_the_paper_code_in_numpy(models, texts):
+    """--preset paper: prompt entropy on G/d + 1e-6 I, dataset entropy on the same for n <= d
+    but on the squared singular values (no /d, no ridge) for n > d, erank from sigma^2."""
     base, sft, tok = models
-    d, _ = _metrics(
-        run_pass(
-            base, sft, tok, TEXTS, batch_size=4, max_length=64, attention=False, progress=False
-        )
-    )
     p, _ = _metrics(
         run_pass(
             base,
             sft,
             tok,
-            TEXTS,
-            batch_size=4,
+            texts,
+            batch_size=12,
             max_length=64,
             attention=False,
             progress=False,
             preset="paper",
         )
     )
-    assert p[("base", 2, "erank")] == pytest.approx(d[("base", 2, "erank_sigma2")])
-    assert p[("base", 2, "prompt_entropy")] != pytest.approx(d[("base", 2, "prompt_entropy")])
+    ids = tokenize(tok, texts, max_length=64)
+    states = [  # each prompt alone, no padding; float64 numpy, one array per layer
+        [
+            h[0].double().numpy()
+            for h in capture(base, next(make_batches([t], batch_size=1, pad_id=0)))[0]
+        ]
+        for t in ids
+    ]
+    width = base.config.hidden_size
+    for i, layer in enumerate(range(-1, 5)):
+        prompt = []
+        for per_layer in states:
+            z = _np_unit_rows(per_layer[i])
+            prompt.append(_np_entropy(np.linalg.eigvalsh(z @ z.T / width + 1e-6 * np.eye(len(z)))))
+        assert p[("base", layer, "prompt_entropy")] == pytest.approx(np.mean(prompt), rel=1e-6)
+        pooled = np.stack([s[i].mean(0) for s in states])  # (P, D) mean pooling
+        z = _np_unit_rows(pooled)
+        if len(texts) > width:
+            lam = np.linalg.svd(z, compute_uv=False) ** 2
+        else:
+            lam = np.linalg.eigvalsh(z @ z.T / width + 1e-6 * np.eye(len(z)))
+        assert p[("base", layer, "dataset_entropy")] == pytest.approx(_np_entropy(lam), rel=1e-6)
+        assert p[("base", layer, "dataset_entropy_norm")] == pytest.approx(
+            _np_entropy(lam) / np.log(min(len(texts), width)), rel=1e-6
+        )
+        sigma = np.linalg.svd(pooled - pooled.mean(0), compute_uv=False)
+        erank = {  # paper: sigma^2 (Roy & Vetterli's sigma kept under its own name)
+            "erank": np.exp(_np_entropy(sigma**2)),
+            "erank_roy_vetterli": np.exp(_np_entropy(sigma)),
+        }
+        for name, want in erank.items():
+            assert p[("base", layer, name)] == pytest.approx(want, rel=1e-6), name
 
 
 def test_analyze_cli_without_attention(tiny_pair, tmp_path):

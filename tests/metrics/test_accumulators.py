@@ -24,7 +24,7 @@ from sftlens.metrics.accumulators import (
 )
 from sftlens.metrics.attention import attention_entropy, attention_js
 from sftlens.metrics.geometry import linear_cka, mean_cosine_similarity, mean_shift, unbiased_cka
-from sftlens.metrics.information import effective_rank, matrix_entropy
+from sftlens.metrics.information import dataset_entropy, effective_rank, matrix_entropy
 
 
 def _tokens(n: int = 90, d1: int = 6, d2: int = 5, seed: int = 0):
@@ -134,6 +134,16 @@ def test_pooled_rows_dataset_statistics_and_cka() -> None:
     assert got["erank"] == pytest.approx(float(effective_rank(x)), abs=1e-12)
     assert got["erank_sigma2"] == pytest.approx(float(effective_rank(x, variant="sigma2")))
     assert got["erank"] != pytest.approx(got["erank_sigma2"])
+    for rows, n in ((base, 12), (sft, 12)):  # the paper preset's dataset entropy: n > d branch
+        paper = rows.compute(alpha=0.5, preset="paper")
+        z = rows.rows
+        assert z.shape == (n, 6)
+        want = float(dataset_entropy(z, 0.5, preset="paper"))
+        assert paper["dataset_entropy"] == pytest.approx(want, rel=1e-12)
+        assert paper["dataset_entropy"] != pytest.approx(
+            float(matrix_entropy(z, 0.5, preset="paper"))
+        )
+        assert paper["dataset_entropy_norm"] == pytest.approx(want / np.log(6), rel=1e-12)
     assert base.cka(sft) == pytest.approx(float(linear_cka(x, y)), abs=1e-12)
     assert base.cka(sft, unbiased=True) == pytest.approx(float(unbiased_cka(x, y)), abs=1e-12)
     with pytest.raises(SftlensError, match="width"):

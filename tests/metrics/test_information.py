@@ -16,6 +16,7 @@ from sftlens.errors import SftlensError
 from sftlens.metrics import information
 from sftlens.metrics.information import (
     alpha_entropy_from_eigenvalues,
+    dataset_entropy,
     effective_rank,
     gram_eigenvalues,
     matrix_entropy,
@@ -95,6 +96,36 @@ def test_matrix_entropy_matches_numpy(alpha: float, n: int, d: int) -> None:
     assert float(matrix_entropy(z, alpha, preset="paper")) == pytest.approx(paper, abs=1e-10)
     norm = matrix_entropy(z, alpha, normalized=True)
     assert float(norm) == pytest.approx(float(got) / math.log(min(n, d)), abs=1e-12)
+
+
+def _np_paper_dataset_spectrum(z: np.ndarray) -> np.ndarray:
+    """The paper code's dataset-entropy spectrum, written out in numpy float64."""
+    zn = _np_prepare(z, center=False)  # rows L2-normalised, not centred
+    n, d = zn.shape
+    if n > d:  # squared singular values: no /d, no ridge
+        lam = np.linalg.svd(zn, compute_uv=False) ** 2
+    else:  # ridged Gram G/d + 1e-6 I (n x n)
+        lam = np.linalg.eigvalsh(zn @ zn.T / d + 1e-6 * np.eye(n))
+    return lam / lam.sum()
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize(("n", "d"), [(11, 4), (40, 32), (4, 11), (32, 32)])  # n > d; n <= d
+def test_paper_dataset_entropy_branches_match_numpy(alpha: float, n: int, d: int) -> None:
+    z = _rand(n, d, seed=n * d) + 0.5  # not centred by the paper preset: an offset matters
+    want = _np_entropy(_np_paper_dataset_spectrum(z.numpy()), alpha)
+    got = dataset_entropy(z, alpha, preset="paper")
+    assert got.dtype == torch.float64
+    assert float(got) == pytest.approx(want, rel=1e-10, abs=1e-12)
+    norm = dataset_entropy(z, alpha, preset="paper", normalized=True)
+    assert float(norm) == pytest.approx(want / math.log(min(n, d)), rel=1e-10, abs=1e-12)
+    # the branches really differ: with n > d the ridge would lift n - d null directions
+    ridged = _np_entropy(_np_spectrum(z.numpy(), False, 1e-6, True), alpha)
+    if n > d:
+        assert abs(float(got) - ridged) > 1e-7
+    else:
+        assert float(got) == pytest.approx(ridged, rel=1e-10)
+    assert float(dataset_entropy(z, alpha)) == pytest.approx(float(matrix_entropy(z, alpha)))
 
 
 @pytest.mark.parametrize("alpha", [0.3, 1.0, 2.0, math.inf])

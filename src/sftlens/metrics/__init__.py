@@ -33,12 +33,14 @@ from sftlens.metrics.geometry import (
 from sftlens.metrics.information import (
     alpha_entropy_from_eigenvalues,
     alpha_entropy_rows,
+    dataset_entropy,
     effective_rank,
     gram_eigenvalues,
     masked_gram_eigenvalues,
     matrix_entropy,
     normalize_entropy,
     normalize_rows,
+    paper_dataset_eigenvalues,
 )
 
 __all__ = [
@@ -54,6 +56,7 @@ __all__ = [
     "attention_js",
     "attention_js_sums",
     "cka_from_moments",
+    "dataset_entropy",
     "effective_rank",
     "gram_eigenvalues",
     "linear_cka",
@@ -64,6 +67,7 @@ __all__ = [
     "mean_shift_from_means",
     "normalize_entropy",
     "normalize_rows",
+    "paper_dataset_eigenvalues",
     "row_cosine",
     "unbiased_cka",
 ]

@@ -31,6 +31,7 @@ from sftlens.metrics.information import (
     _matrix,
     alpha_entropy_from_eigenvalues,
     alpha_entropy_rows,
+    dataset_entropy,
     erank_from_singular_values,
     masked_gram_eigenvalues,
     matrix_entropy,
@@ -276,13 +277,14 @@ class PooledRows(_Accumulator):
             self._rows = [t for t in gathered if t is not None]
 
     def compute(self, alpha: float = 1.0, preset: Preset = "default") -> dict[str, float]:
-        """Dataset entropy (raw and normalised) and effective rank (both variants, centred)."""
+        """Dataset entropy (raw and normalised, :func:`dataset_entropy` of ``preset``) and
+        effective rank (both variants, centred)."""
         z = self.rows
         if z.shape[0] == 0:
             raise SftlensError(
                 "PooledRows.compute() called before any update; feed at least one prompt"
             )
-        raw = matrix_entropy(z, alpha, preset=preset)
+        raw = dataset_entropy(z, alpha, preset=preset)
         sigma = torch.linalg.svdvals(z - z.mean(dim=0, keepdim=True))  # centred, as effective_rank
         return {
             "dataset_entropy": float(raw),

@@ -4,7 +4,9 @@ Conventions (SPEC "Information dynamics"): centre every feature over the ``n`` r
 each row, take the Gram ``G = Z Z^T`` divided by its trace; its eigenvalues ``lambda_i`` (tiny
 negatives clamped to 0) form a distribution whose Renyi entropy is the matrix entropy. The
 ``paper`` preset reproduces the paper code instead: rows normalised but not centred,
-``G/d + 1e-6 I``. Every reduction runs in float64 whatever the input dtype.
+``G/d + 1e-6 I`` (for dataset entropy with more prompts than features, the squared singular
+values of the normalised rows instead, see :func:`dataset_entropy`). Every reduction runs in
+float64 whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -213,6 +215,52 @@ def matrix_entropy(
     else:
         raise SftlensError(f"unknown entropy preset {preset!r}; use 'default' or 'paper'")
     value = alpha_entropy_from_eigenvalues(lam, alpha)
+    return normalize_entropy(value, z.shape[0], z.shape[1]) if normalized else value
+
+
+def paper_dataset_eigenvalues(z: Tensor) -> Tensor:
+    """The ``paper`` preset's dataset-entropy spectrum of pooled rows ``z`` (n prompts, d).
+
+    The paper code has two branches. With more prompts than features (``n > d``) the
+    eigenvalues are the squared singular values of the row-normalised (not centred) matrix,
+    with neither the ``/ d`` scaling nor the ridge; otherwise (``n <= d``) the eigenvalues of
+    the ridged Gram ``G / d + 1e-6 I_n``. Returned trace-normalised (sum 1), float64.
+
+    Example:
+        >>> z = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 2.0]])  # n = 3 > d = 2
+        >>> paper_dataset_eigenvalues(z)
+        tensor([0.6667, 0.3333], dtype=torch.float64)
+    """
+    z = _matrix(z)  # (n, d)
+    n, d = z.shape
+    if n <= d:
+        return gram_eigenvalues(z, center=False, ridge=PAPER_RIDGE, scale_by_d=True)
+    sigma_sq = torch.linalg.svdvals(normalize_rows(z, center=False)).square()  # (d,)
+    total = sigma_sq.sum()
+    if total <= 0:  # all rows zero: no spread, the degenerate spectrum [1, 0, ...]
+        return torch.nn.functional.one_hot(torch.tensor(0), d).to(torch.float64)
+    return sigma_sq / total
+
+
+def dataset_entropy(
+    z: Tensor, alpha: float = 1.0, *, preset: Preset = "default", normalized: bool = False
+) -> Tensor:
+    """Dataset entropy of one pooled vector per prompt, ``z`` (n prompts, d), 0-d float64.
+
+    ``default``: :func:`matrix_entropy` of the rows (centred, row-normalised, ``G / tr G``).
+    ``paper``: the paper code's two branches, see :func:`paper_dataset_eigenvalues`.
+    ``normalized`` divides by ``log(min(n, d))``.
+
+    Example:
+        >>> z = torch.eye(3)
+        >>> round(float(dataset_entropy(z, preset="paper", normalized=True)), 4)
+        1.0
+    """
+    if preset == "default":
+        return matrix_entropy(z, alpha, normalized=normalized)
+    if preset != "paper":
+        raise SftlensError(f"unknown entropy preset {preset!r}; use 'default' or 'paper'")
+    value = alpha_entropy_from_eigenvalues(paper_dataset_eigenvalues(z), alpha)
     return normalize_entropy(value, z.shape[0], z.shape[1]) if normalized else value
 
 
