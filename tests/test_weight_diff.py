@@ -7,6 +7,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -172,3 +173,187 @@ def test_pickle_only_checkpoint_is_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(SftlensError, match=r"pickle weights .* --allow-pickle"):
         resolve_model(tmp_path)
+
+
+# --- every row, on architectures perturbed everywhere, against numpy -------------------------
+
+#: Where each family keeps its tensors, read off the Hugging Face modeling code (not sftlens).
+LAYOUTS: dict[str, dict] = {
+    "qwen2": dict(
+        block="model.layers.{}.",
+        norms=("input_layernorm.weight", "post_attention_layernorm.weight"),
+        embed=("model.embed_tokens.weight",),
+        head="lm_head.weight",
+        final_norm="model.norm.weight",
+    ),
+    "phi3": dict(
+        block="model.layers.{}.",
+        norms=("input_layernorm.weight", "post_attention_layernorm.weight"),
+        embed=("model.embed_tokens.weight",),
+        head="lm_head.weight",
+        final_norm="model.norm.weight",
+    ),
+    "gpt2": dict(
+        block="transformer.h.{}.",
+        norms=("ln_1.weight", "ln_2.weight"),
+        embed=("transformer.wte.weight", "transformer.wpe.weight"),  # tokens and positions
+        head=None,  # tied to wte
+        final_norm="transformer.ln_f.weight",
+    ),
+    "gpt_neox": dict(
+        block="gpt_neox.layers.{}.",
+        norms=("input_layernorm.weight", "post_attention_layernorm.weight"),
+        embed=("gpt_neox.embed_in.weight",),
+        head="embed_out.weight",
+        final_norm="gpt_neox.final_layer_norm.weight",
+    ),
+}
+_ATTN = ("q", "k", "v", "o")
+
+
+def _numpy_state(folder: Path) -> dict[str, np.ndarray]:
+    return {k: v.float().numpy().astype(np.float64) for k, v in _state(folder).items()}
+
+
+def _projections(model_type: str, sd: dict[str, np.ndarray], prefix: str, cfg) -> dict:
+    """Every projection weight of one block as (out, in), sliced from the family's own layout."""
+
+    def w(name: str) -> np.ndarray:
+        return sd[prefix + name]
+
+    if model_type == "qwen2":
+        out = {p: w(f"self_attn.{p}_proj.weight") for p in _ATTN}
+        return out | {p: w(f"mlp.{p}_proj.weight") for p in ("gate", "up", "down")}
+    if model_type == "phi3":
+        # Phi3Attention.forward: qkv[..., :H*hd], qkv[..., H*hd : H*hd + KV*hd], the rest
+        qkv, hd = w("self_attn.qkv_proj.weight"), cfg.hidden_size // cfg.num_attention_heads
+        q_end, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+        # Phi3MLP.forward: gate, up = gate_up_proj(x).chunk(2, dim=-1)
+        gate_up, inter = w("mlp.gate_up_proj.weight"), cfg.intermediate_size
+        return {
+            "q": qkv[:q_end],
+            "k": qkv[q_end : q_end + kv],
+            "v": qkv[q_end + kv :],
+            "o": w("self_attn.o_proj.weight"),
+            "gate": gate_up[:inter],
+            "up": gate_up[inter:],
+            "down": w("mlp.down_proj.weight"),
+        }
+    if model_type == "gpt2":
+        # Conv1D stores (in, out); GPT2Attention.forward: c_attn(x).split(n_embd, dim=2)
+        c_attn, d = w("attn.c_attn.weight"), cfg.n_embd
+        return {
+            "q": c_attn[:, :d].T,
+            "k": c_attn[:, d : 2 * d].T,
+            "v": c_attn[:, 2 * d :].T,
+            "o": w("attn.c_proj.weight").T,
+            "fc_in": w("mlp.c_fc.weight").T,
+            "fc_out": w("mlp.c_proj.weight").T,
+        }
+    # GPTNeoXAttention.forward: qkv(x).view(..., heads, 3 * head_size).chunk(3, dim=-1)
+    heads, d = cfg.num_attention_heads, cfg.hidden_size
+    hd = d // heads
+    per_head = w("attention.query_key_value.weight").reshape(heads, 3 * hd, d)
+    return {
+        "q": per_head[:, :hd].reshape(heads * hd, d),
+        "k": per_head[:, hd : 2 * hd].reshape(heads * hd, d),
+        "v": per_head[:, 2 * hd :].reshape(heads * hd, d),
+        "o": w("attention.dense.weight"),
+        "fc_in": w("mlp.dense_h_to_4h.weight"),
+        "fc_out": w("mlp.dense_4h_to_h.weight"),
+    }
+
+
+def _expected_rows(model_type: str, base: Path, sft: Path, cfg) -> dict:
+    """Every row of weight_diff, computed in numpy float64 from the two state dicts."""
+    a, b = _numpy_state(base), _numpy_state(sft)
+    layout = LAYOUTS[model_type]
+    out: dict[tuple[str, int | None], float] = {}
+
+    def put(metric: str, layer: int | None, names_or_arrays, rel: bool = True) -> None:
+        xs, ys = names_or_arrays
+        diff = math.sqrt(sum(float(((y - x) ** 2).sum()) for x, y in zip(xs, ys, strict=True)))
+        out[(metric, layer)] = diff
+        if rel:
+            out[(f"{metric}_rel", layer)] = diff / math.sqrt(sum(float((x**2).sum()) for x in xs))
+
+    def pick(names) -> tuple[list, list]:
+        names = list(names)
+        return [a[n] for n in names], [b[n] for n in names]
+
+    for layer in range(cfg.num_hidden_layers):
+        prefix = layout["block"].format(layer)
+        pa, pb = _projections(model_type, a, prefix, cfg), _projections(model_type, b, prefix, cfg)
+        mlp = [p for p in pa if p not in _ATTN]
+        for proj in pa:
+            put(f"dw_{proj}", layer, ([pa[proj]], [pb[proj]]))
+        put("dw_attn", layer, ([pa[p] for p in _ATTN], [pb[p] for p in _ATTN]))
+        put("dw_mlp", layer, ([pa[p] for p in mlp], [pb[p] for p in mlp]))
+        put("dw_norm", layer, pick(prefix + n for n in layout["norms"]), rel=False)
+        put("dw_block", layer, pick([k for k in a if k.startswith(prefix)]))  # biases too
+    put("dw_embed", -1, pick(layout["embed"]))
+    put("dw_final_norm", None, pick([layout["final_norm"]]), rel=False)
+    if layout["head"] is None:
+        out[("lm_head_tied", None)] = 1.0
+    else:
+        put("dw_lm_head", None, pick([layout["head"]]))
+    put("dw_total", None, pick(list(a)))
+    out[("vocab_added", None)] = 0.0
+    return out
+
+
+def _save_pair(root: Path, model_type: str, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    from tiny_models import perturb_all, tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).to(dtype)
+    model.save_pretrained(root / "base")
+    perturb_all(model, scale=0.02, seed=3)
+    model.save_pretrained(root / "sft")
+    return root / "base", root / "sft", model.config
+
+
+@pytest.fixture(scope="module")
+def arch_pairs(tmp_path_factory) -> dict[str, tuple[Path, Path, object]]:
+    root = tmp_path_factory.mktemp("arch_pairs")
+    pairs = {t: _save_pair(root / t, t) for t in LAYOUTS}
+    pairs["qwen2-bf16"] = _save_pair(root / "bf16", "qwen2", torch.bfloat16)
+    return pairs
+
+
+def _check_rows(rows, want: dict) -> None:
+    got = {(r["metric"], r["layer"]): r["value"] for r in rows}
+    assert len(got) == len(rows), "a (metric, layer) row is emitted twice"
+    assert set(got) == set(want), set(got) ^ set(want)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+
+
+@pytest.mark.parametrize("chunks", ["default", "small"])
+@pytest.mark.parametrize("model_type", list(LAYOUTS))
+def test_every_row_matches_numpy_on_a_pair_perturbed_everywhere(
+    arch_pairs, model_type, chunks, monkeypatch
+):
+    """All rows (projections split from fused tensors, MLP, norms, blocks with their biases,
+    embeddings, head, total) against numpy; with small chunks the row-block and element-chunk
+    loops run many times and end on a partial block (row counts 32, 64, 96, 128 vs 5 rows)."""
+    from sftlens import weight_diff as wd_module
+    from sftlens.metrics import weights as weights_module
+
+    if chunks == "small":
+        monkeypatch.setattr(wd_module, "_CHUNK_BYTES", 5 * 32 * 4)  # 5 rows of width 32
+        monkeypatch.setattr(weights_module, "_CHUNK_ELEMENTS", 7)
+    base, sft, cfg = arch_pairs[model_type]
+    want = _expected_rows(model_type, base, sft, cfg)
+    assert all(v > 0 for k, v in want.items() if k[0].startswith("dw_")), "perturb everything"
+    _check_rows(weight_diff(base, sft, progress=False).rows, want)
+
+
+def test_bfloat16_checkpoint_matches_numpy(arch_pairs):
+    base, sft, cfg = arch_pairs["qwen2-bf16"]
+    assert {t.dtype for t in _state(base).values()} == {torch.bfloat16}
+    _check_rows(
+        weight_diff(base, sft, progress=False).rows, _expected_rows("qwen2", base, sft, cfg)
+    )

@@ -82,3 +82,65 @@ def perturb(model, layers: dict[int, float], seed: int = 1) -> None:
             attn = model.model.layers[layer].self_attn
             for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
                 proj.weight.add_(scale * torch.randn(proj.weight.shape, generator=g))
+
+
+def tiny_config(model_type: str, **overrides: object):
+    """A tiny config (3 layers, hidden 32, vocabulary 128) of another family than Llama.
+
+    ``gpt2`` (Conv1D, fused ``c_attn``, biases everywhere, tied head, learned positions),
+    ``gpt_neox`` (per-head interleaved ``query_key_value``, biases, untied ``embed_out``),
+    ``phi3`` (fused ``qkv_proj`` with grouped-query sizes and fused ``gate_up_proj``),
+    ``qwen2`` (q/k/v biases, grouped-query attention).
+    """
+    import transformers as tf
+
+    ids = dict(bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    defaults: dict[str, tuple[type, dict]] = {
+        "gpt2": (tf.GPT2Config, dict(n_embd=32, n_layer=3, n_head=4, n_positions=64)),
+        "gpt_neox": (
+            tf.GPTNeoXConfig,
+            dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                max_position_embeddings=64,
+                attention_bias=True,
+            ),
+        ),
+        "phi3": (
+            tf.Phi3Config,
+            dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+            ),
+        ),
+        "qwen2": (
+            tf.Qwen2Config,
+            dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+                tie_word_embeddings=False,
+            ),
+        ),
+    }
+    cls, kw = defaults[model_type]
+    return cls(**{"vocab_size": 128, **ids, **kw, **overrides})
+
+
+def perturb_all(model, scale: float = 0.02, seed: int = 1) -> None:
+    """Add noise to EVERY parameter (projections, biases, norms, embeddings, head), each
+    element with its own scale in ``[scale, 2 * scale)``, so no two tensors change alike."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():  # a tied head is one parameter: perturbed once
+            noise = torch.randn(p.shape, generator=g) * (1.0 + torch.rand(p.shape, generator=g))
+            p.add_(scale * noise.to(p.dtype))

@@ -10,8 +10,13 @@ largest tensor pair instead of two whole models. Rows use the metric names of SP
   ``dw_block_rel`` (every parameter of the block, biases included);
 - embeddings (layer ``-1``): ``dw_embed dw_embed_rel`` on the shared vocabulary rows, and
   ``embed_added_rows`` / ``embed_added_norm`` for rows the SFT vocabulary added;
-- whole model (empty layer): ``dw_final_norm``, ``dw_lm_head`` / ``dw_lm_head_rel`` (or
-  ``lm_head_tied = 1``), ``dw_total`` / ``dw_total_rel``, ``vocab_added``.
+- whole model (empty layer): ``dw_final_norm`` (the final norm's weight, like ``dw_norm``),
+  ``dw_lm_head`` / ``dw_lm_head_rel`` (or ``lm_head_tied = 1``), ``dw_total`` / ``dw_total_rel``
+  (every tensor, biases included), ``vocab_added``.
+
+Biases never enter a named projection or norm row; they count in ``dw_block`` and ``dw_total``.
+``dw_embed`` covers every embedding table of the architecture: the token embeddings and, for
+GPT-2, the learned position embeddings (``wpe``).
 """
 
 from __future__ import annotations
@@ -139,8 +144,12 @@ def weight_diff(base: str | Path, sft: str | Path, *, progress: bool = True) -> 
                 )
             layer = role.layer
             keys: list[tuple[int | None, str]] = [(None, "total"), (layer, "block")]
-            if role.group == "final_norm":
-                keys = [(None, "final_norm"), (None, "total")]
+            if role.group == "final_norm":  # its weight, like dw_norm; a bias counts in the total
+                keys = (
+                    [(None, "final_norm"), (None, "total")]
+                    if role.kind == "weight"
+                    else [(None, "total")]
+                )
             elif role.kind != "weight":  # biases count in the block and the total only
                 pass
             elif role.group == "norm":
