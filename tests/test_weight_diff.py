@@ -133,11 +133,19 @@ def test_grown_vocabulary_is_compared_on_shared_rows_and_reported(tiny_pair, tmp
     grown = tmp_path / "grown"
     model.save_pretrained(grown)
     rows = weight_diff(base, grown, progress=False).rows
+    new = _numpy_state(grown)
     assert _value(rows, "vocab_added", None) == 8
-    assert _value(rows, "embed_added_rows", -1) == 8
-    assert _value(rows, "embed_added_norm", -1) > 0
-    assert _value(rows, "dw_embed", -1) == pytest.approx(0.0, abs=1e-12)  # shared rows unchanged
-    assert _value(rows, "lm_head_added_rows", None) == 8
+    for prefix, layer, key in (
+        ("embed", -1, "model.embed_tokens.weight"),
+        ("lm_head", None, "lm_head.weight"),
+    ):
+        assert new[key].shape[0] == 136
+        assert _value(rows, f"{prefix}_added_rows", layer) == 8
+        added = np.linalg.norm(new[key][128:])  # the 8 new rows alone
+        assert added > 1e-3  # so that the comparison below is not 0 == 0
+        assert _value(rows, f"{prefix}_added_norm", layer) == pytest.approx(added, rel=1e-6)
+        # the shared rows did not change, and the new rows are not mixed into the distance
+        assert _value(rows, f"dw_{prefix}", layer) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_truncated_and_missing_shards_are_clear_errors(tiny_pair, tmp_path):
