@@ -101,6 +101,54 @@ def test_padding_side_and_batch_size_do_not_change_any_metric(models, pooling):
         assert single[k] == pytest.approx(right[k], rel=1e-4, abs=1e-5), k
 
 
+@pytest.fixture(scope="module")
+def gpt2_models(tmp_path_factory):
+    """A tiny GPT-2 pair: learned absolute positions, so a wrong position shifts the states."""
+    from transformers import AutoModelForCausalLM
+
+    from tiny_models import perturb_all, save_model, tiny_config
+
+    root = tmp_path_factory.mktemp("gpt2_pair")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("gpt2"))
+    save_model(model, root / "base")
+    perturb_all(model, scale=0.05, seed=2)
+    save_model(model, root / "sft")
+    base, tok = load_model(root / "base", attn_implementation="eager")
+    sft, _ = load_model(root / "sft", attn_implementation="eager")
+    return base, sft, tok
+
+
+def test_gpt2_learned_positions_padding_side_and_batch_size_do_not_change_any_metric(
+    gpt2_models,
+):
+    right, _ = _metrics(_run(gpt2_models, padding_side="right", batch_size=4))
+    left, _ = _metrics(_run(gpt2_models, padding_side="left", batch_size=4))
+    single, _ = _metrics(_run(gpt2_models, padding_side="right", batch_size=1))
+    assert right.keys() == left.keys() == single.keys()
+    assert {k[1] for k in right if k[2] == "attn_js"} == {0, 1, 2}
+    for k in right:
+        assert left[k] == pytest.approx(right[k], rel=1e-4, abs=1e-5), k
+        assert single[k] == pytest.approx(right[k], rel=1e-4, abs=1e-5), k
+    # and the positions are HF's own: each prompt alone through the model, no position_ids
+    base, sft, tok = gpt2_models
+    ids = tokenize(tok, TEXTS, max_length=64)
+    with torch.no_grad():
+        hs = {
+            name: [
+                m(input_ids=torch.tensor([t]), output_hidden_states=True).hidden_states for t in ids
+            ]
+            for name, m in (("base", base), ("sft", sft))
+        }
+    for layer in range(-1, 2):  # HF's last entry is post-norm; blocks 0, 1 and the embeddings
+        x = torch.cat([h[layer + 1][0] for h in hs["base"]])  # (N, D) every real token
+        y = torch.cat([h[layer + 1][0] for h in hs["sft"]])
+        assert left[("pair", layer, "cka")] == pytest.approx(float(linear_cka(x, y)), abs=1e-6)
+        assert left[("pair", layer, "cosine")] == pytest.approx(
+            float(torch.nn.functional.cosine_similarity(x, y).double().mean()), abs=1e-6
+        )
+
+
 def test_streamed_cka_equals_materialised_gram_form(models):
     base, sft, tok = models
     m, _ = _metrics(_run(models, attention=False))
