@@ -78,13 +78,10 @@ def test_identical_models_give_identity_values(models):
         run_pass(base, base, tok, TEXTS, batch_size=3, max_length=64, progress=False)
     )
     for layer in range(-1, 5):
-        assert m[("pair", layer, "cka")] == pytest.approx(1.0, abs=1e-9)
-        assert m[("pair", layer, "cosine")] == pytest.approx(1.0, abs=1e-9)
-        assert m[("pair", layer, "cka_std")] == pytest.approx(1.0, abs=1e-9)
-        share = m[("base", layer, "top_feature_share")]
-        assert 0.0 < share <= 1.0 and share == m[("sft", layer, "top_feature_share")]
-        assert m[("pair", layer, "mean_shift")] == pytest.approx(0.0, abs=1e-9)
-        assert m[("base", layer, "erank")] == pytest.approx(m[("sft", layer, "erank")])
+        for name in ("cka", "cka_std", "cka_pooled", "cka_unbiased", "cosine"):
+            assert m[("pair", layer, name)] == pytest.approx(1.0, abs=1e-9), name
+        for name in ("mean_shift", "mean_shift_rel"):
+            assert m[("pair", layer, name)] == pytest.approx(0.0, abs=1e-9), name
     for layer in range(5):
         assert m[("pair", layer, "attn_js")] == pytest.approx(0.0, abs=1e-9)
     assert {h["head"] for h in heads} == {0, 1, 2, 3}
@@ -164,6 +161,10 @@ def test_streamed_cka_equals_materialised_gram_form(models):
         assert m[("pair", layer, "cka")] == pytest.approx(float(linear_cka(x, y)), abs=1e-6)
         want_std = float(linear_cka(x, y, standardize=True))
         assert m[("pair", layer, "cka_std")] == pytest.approx(want_std, abs=1e-6)
+        for model, h in (("base", x), ("sft", y)):  # largest feature's share of token variance
+            var = h.double().numpy().var(axis=0)
+            share = m[(model, layer, "top_feature_share")]
+            assert share == pytest.approx(var.max() / var.sum(), rel=1e-6), (model, layer)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "last"])
@@ -183,6 +184,7 @@ def test_pooled_metrics_equal_per_prompt_vectors(models, pooling):
         y = torch.stack([pick(s[i][0]) for s in ys])
         assert m[("pair", layer, "cka_pooled")] == pytest.approx(float(linear_cka(x, y)), abs=1e-6)
         assert m[("base", layer, "erank")] == pytest.approx(float(effective_rank(x)), rel=1e-5)
+        assert m[("sft", layer, "erank")] == pytest.approx(float(effective_rank(y)), rel=1e-5)
 
 
 def test_cka_is_lowest_where_the_fixture_changed_weights_most(models):

@@ -88,24 +88,28 @@ def test_standardized_cka_matches_numpy_zscore(n: int, d1: int, d2: int) -> None
 
 def test_standardized_cka_streams_and_sees_past_a_massive_feature() -> None:
     g = torch.Generator().manual_seed(5)
-    shared = 100.0 * torch.randn(400, 1, generator=g)  # one loud dimension in both models
-    x = torch.cat([shared, torch.randn(400, 7, generator=g)], dim=1).double()
-    y = torch.cat([shared, torch.randn(400, 7, generator=g)], dim=1).double()  # rest unrelated
+    n = 3000  # enough rows that a constant 0.7 leaves a rounding residual in streamed moments
+    shared = 100.0 * torch.randn(n, 1, generator=g)  # one loud dimension in both models
+    x = torch.cat([shared, torch.randn(n, 7, generator=g)], dim=1).double()
+    y = torch.cat([shared, torch.randn(n, 7, generator=g)], dim=1).double()  # rest unrelated
     plain, std = float(linear_cka(x, y)), float(linear_cka(x, y, standardize=True))
     assert plain > 0.99 and std < 0.3  # plain CKA only sees the loud dimension
-    moments = dict(sxx=x.T @ x, syy=y.T @ y, sxy=y.T @ x, sx=x.sum(0), sy=y.sum(0), n=400)
+    moments = dict(sxx=x.T @ x, syy=y.T @ y, sxy=y.T @ x, sx=x.sum(0), sy=y.sum(0), n=n)
     assert float(cka_from_moments(**moments, standardize=True)) == pytest.approx(std, rel=1e-10)
-    share = float(top_feature_share_from_moments(x.T @ x, x.sum(0), 400))
+    share = float(top_feature_share_from_moments(x.T @ x, x.sum(0), n))
     var = x.numpy().var(axis=0)
     assert share == pytest.approx(var.max() / var.sum(), rel=1e-10) and share > 0.99
     # per-feature scaling changes plain CKA but not the standardized one
     d = torch.tensor([1e-2, 1.0, 3.0, 0.1, 1.0, 5.0, 1.0, 2.0], dtype=torch.float64)
     assert float(linear_cka(x * d, y)) != pytest.approx(plain, rel=1e-3)
     assert float(linear_cka(x * d, y, standardize=True)) == pytest.approx(std, rel=1e-10)
-    # a constant feature (no variance) is dropped, not divided by zero
-    const = torch.full((400, 1), 3.0, dtype=torch.float64)
-    with_const = linear_cka(torch.cat([x, const], 1), y, standardize=True)
-    assert float(with_const) == pytest.approx(std, rel=1e-10)
+    # a constant feature (no variance) is dropped, not divided by zero, by both forms
+    xc = torch.cat([x, torch.full((n, 1), 0.7, dtype=torch.float64)], 1)
+    assert float(linear_cka(xc, y, standardize=True)) == pytest.approx(std, rel=1e-10)
+    streamed = cka_from_moments(
+        xc.T @ xc, y.T @ y, y.T @ xc, xc.sum(0), y.sum(0), n, standardize=True
+    )
+    assert float(streamed) == pytest.approx(std, rel=1e-10)
 
 
 @pytest.mark.parametrize(("n", "d1", "d2"), [(12, 5, 3), (5, 8, 8)])

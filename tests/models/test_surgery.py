@@ -171,14 +171,23 @@ def test_capture_through_the_body_on_every_architecture(
 
     model = models[arch]
     model.set_attn_implementation("eager")
-    batch = next(make_batches([[1, 5, 7, 2, 9], [4, 3]], batch_size=2, pad_id=0))
+    prompts = [[1, 5, 7, 2, 9], [4, 3]]
+    batch = next(make_batches(prompts, batch_size=2, pad_id=0, padding_side="left"))
     states, attn = capture(model, batch, attentions=True)
-    with torch.no_grad():
-        want = model(input_ids=batch.input_ids[:1], output_hidden_states=True).hidden_states
-    assert len(states) == len(want) == 4 and attn is not None and len(attn) == 3
-    for got, ref in zip(states[:-1], want[:-1], strict=True):  # HF's last entry is post-norm
-        torch.testing.assert_close(got[:1], ref, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(S.get_final_norm(model)(states[-1][:1]), want[-1])
+    assert len(states) == 4 and attn is not None and len(attn) == 3
+    for row, ids in enumerate(prompts):  # each prompt alone, HF's own positions, no padding
+        real = slice(5 - len(ids), 5)  # left padding: the real tokens are the last ones
+        with torch.no_grad():
+            want = model(
+                input_ids=torch.tensor([ids]), output_hidden_states=True, output_attentions=True
+            )
+        ref = want.hidden_states
+        for got, expected in zip(states[:-1], ref[:-1], strict=True):  # HF's last is post-norm
+            torch.testing.assert_close(got[row, real], expected[0], rtol=1e-4, atol=1e-5)
+        last = S.get_final_norm(model)(states[-1][row : row + 1, real])
+        torch.testing.assert_close(last, ref[-1], rtol=1e-4, atol=1e-5)
+        for got, expected in zip(attn, want.attentions, strict=True):  # (B, H, T, T) per block
+            torch.testing.assert_close(got[row, :, real, real], expected[0], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
