@@ -34,9 +34,15 @@ CHECKPOINT = "checkpoint-last"
 _NOT_HASHED = {"out", "progress", "save_every", "device"}
 
 
-def _hash(cfg: SFTConfig, model_dir: Path) -> str:
-    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_HASHED}
+def _hash(cfg: SFTConfig, model_dir: Path, examples: list[Any]) -> str:
+    """What decides the trained weights: the options, the starting checkpoint's bytes and the
+    training examples themselves (an edited data file or checkpoint at the same path retrains)."""
+    from sftlens.run import fingerprint
+
+    d: dict[str, Any] = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_HASHED}
     d["model"] = str(model_dir)
+    d["model_files"] = fingerprint(model_dir)["files"]
+    d["examples"] = config_hash([[e.question, e.answer] for e in examples])
     return config_hash(d)
 
 
@@ -141,13 +147,13 @@ def train_sft(cfg: SFTConfig) -> Path:
 
     out = Path(cfg.out)
     model_dir = resolve_model(cfg.model)
-    key = _hash(cfg, model_dir)
+    examples = resolve_dataset(cfg.data, split=cfg.split, limit=cfg.max_examples, seed=cfg.seed)
+    key = _hash(cfg, model_dir, examples)
     state_path = out / "trainer_state.json"
     if state_path.is_file() and read_json(state_path).get("config_hash") == key:
-        log.info("SFT already finished in %s (same config): reusing it", out)
+        log.info("SFT already finished in %s (same config, model and data): reusing it", out)
         return out
 
-    examples = resolve_dataset(cfg.data, split=cfg.split, limit=cfg.max_examples, seed=cfg.seed)
     ckpt = out / CHECKPOINT
     resume = (ckpt / "trainer_state.json").is_file() and read_json(ckpt / "trainer_state.json").get(
         "config_hash"
