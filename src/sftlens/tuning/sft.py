@@ -231,12 +231,11 @@ def train_sft(cfg: SFTConfig) -> Path:
             raise SftlensError(f"SFT loss became {total} at step {step}; lower --lr")
         if cfg.max_grad_norm > 0:
             accel.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        lr = opt.param_groups[0]["lr"]  # the rate this step applies (the scheduler moves on after)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        history.append(
-            {"step": step + 1, "loss": total, "tokens": n_tokens, "lr": sched.get_last_lr()[0]}
-        )
+        history.append({"step": step + 1, "loss": total, "tokens": n_tokens, "lr": lr})
         bar.set_postfix(loss=f"{total:.3f}")
         bar.update(1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
