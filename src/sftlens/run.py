@@ -79,27 +79,34 @@ def _sha256(path: Path) -> str:
     return _SHA_CACHE[key]
 
 
+def make_out_folder(out: str | Path) -> Path:
+    """Create the ``--out`` folder (and its parents); a path that cannot be one is a one-line
+    :class:`SftlensError` instead of a traceback."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise SftlensError(
+            f"--out {path} is a file, not a folder; pass a folder for the results "
+            "(a new one is created)"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise SftlensError(
+            f"cannot create the --out folder {path}: part of its path is a file; "
+            "pass a path under a folder"
+        ) from None
+    except PermissionError:
+        raise SftlensError(
+            f"cannot create the --out folder {path}: permission denied; "
+            "pass a folder you can write to"
+        ) from None
+    return path
+
+
 class RunFolder:
     def __init__(self, out: str | Path) -> None:
-        self.path = Path(out)
-        if self.path.exists() and not self.path.is_dir():
-            raise SftlensError(
-                f"--out {self.path} is a file, not a folder; pass a folder for the run's files "
-                "(a new one is created)"
-            )
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            (self.path / "plots").mkdir(exist_ok=True)
-        except (FileExistsError, NotADirectoryError):
-            raise SftlensError(
-                f"cannot create run folder {self.path}: part of its path is a file; "
-                "pass --out a path under a folder"
-            ) from None
-        except PermissionError:
-            raise SftlensError(
-                f"cannot create run folder {self.path}: permission denied; "
-                "pass --out a folder you can write to"
-            ) from None
+        self.path = make_out_folder(out)
+        (self.path / "plots").mkdir(exist_ok=True)
         self.config_path = self.path / "config.json"
         self.state: dict[str, Any] = {"steps": {}}
         if self.config_path.is_file():

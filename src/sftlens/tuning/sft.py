@@ -144,8 +144,9 @@ def train_sft(cfg: SFTConfig) -> Path:
     from sftlens.data import resolve_dataset
     from sftlens.data.prompts import format_chat, format_question, format_target
     from sftlens.models.loading import load_model, resolve_model
+    from sftlens.run import make_out_folder
 
-    out = Path(cfg.out)
+    out = make_out_folder(cfg.out)  # a bad --out fails now, not after the training
     model_dir = resolve_model(cfg.model)
     examples = resolve_dataset(cfg.data, split=cfg.split, limit=cfg.max_examples, seed=cfg.seed)
     key = _hash(cfg, model_dir, examples)
