@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import shutil
 import subprocess
@@ -65,6 +66,9 @@ def test_torchrun_two_gloo_ranks_match_single_process(tiny_pair, tmp_path):
         _table(tmp_path / "ddp" / "metrics.csv"),
     )
     assert single.keys() == ddp.keys()
+    assert {k[2] for k in single} >= {"cka", "cka_pooled", "prompt_entropy", "erank", "attn_js"}
+    # NaN == NaN passes below, so a table of NaNs would too: every value must be a number
+    assert all(math.isfinite(v) for v in single.values()), "NaN/inf in the single-process run"
     for k in single:
         assert ddp[k] == pytest.approx(single[k], rel=1e-6, abs=1e-9, nan_ok=True), k
 

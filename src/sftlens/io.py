@@ -12,7 +12,8 @@ import hashlib
 import io
 import json
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,19 @@ METRICS_COLUMNS = ("model", "layer", "metric", "value")
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename).
+
+    The file gets the permissions a plain ``open(path, "w")`` gives: a new file ``0o666`` less
+    the user's umask (the kernel applies it, as for any new file; ``mkstemp``'s private ``0o600``
+    would hide run folders from a group), an existing file keeps its mode.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(f.fileno(), stat.S_IMODE(os.stat(path).st_mode))
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -36,6 +44,17 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new, unique, writable file next to ``path``, created with mode ``0o666 & ~umask``."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # vanishingly rare: another writer drew the same name
+            continue
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -8,13 +8,15 @@ recomputes that step. All files are written atomically.
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Set
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from sftlens.errors import SftlensError
 from sftlens.io import (
     atomic_write_json,
     config_hash,
@@ -36,37 +38,85 @@ def versions() -> dict[str, str]:
     return out
 
 
+# What decides a checkpoint's numbers: weights (safetensors, or trusted pickle), shard indexes,
+# the model config, and the tokenizer (it decides which tokens an analysis feeds the model).
+FINGERPRINT_PATTERNS = (
+    "*.safetensors",
+    "*.bin",
+    "*.index.json",
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+
+
 def fingerprint(folder: str | Path) -> dict[str, Any]:
-    """sha256 of a checkpoint's config and weight files (identifies exactly what was compared)."""
+    """sha256 of a checkpoint's weight, config and tokenizer files (identifies exactly what was
+    compared; a step that depends on it reruns when any of these bytes change)."""
     folder = Path(folder)
-    files = sorted([*folder.glob("*.safetensors"), *folder.glob("config.json")])
+    files = sorted({f for pattern in FINGERPRINT_PATTERNS for f in folder.glob(pattern)})
     return {
         "path": str(folder.resolve()),
         "files": {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files},
     }
 
 
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+_SHA_CACHE: dict[tuple[str, int, int, int, int], str] = {}
 
 
 def _sha256(path: Path) -> str:
-    """sha256 of a file, remembered for this process while its size and mtime are unchanged."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    """sha256 of a file, remembered for this process while its inode, size and times are unchanged."""
+    st = path.stat()  # a rewrite changes the ctime even where the mtime is coarse or reset
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _SHA_CACHE:
         _SHA_CACHE[key] = sha256_file(path)
     return _SHA_CACHE[key]
 
 
+def make_out_folder(out: str | Path) -> Path:
+    """Create the ``--out`` folder (and its parents); a path that cannot be one is a one-line
+    :class:`SftlensError` instead of a traceback."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise SftlensError(
+            f"--out {path} is a file, not a folder; pass a folder for the results "
+            "(a new one is created)"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise SftlensError(
+            f"cannot create the --out folder {path}: part of its path is a file; "
+            "pass a path under a folder"
+        ) from None
+    except PermissionError:
+        raise SftlensError(
+            f"cannot create the --out folder {path}: permission denied; "
+            "pass a folder you can write to"
+        ) from None
+    return path
+
+
 class RunFolder:
     def __init__(self, out: str | Path) -> None:
-        self.path = Path(out)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path = make_out_folder(out)
         (self.path / "plots").mkdir(exist_ok=True)
         self.config_path = self.path / "config.json"
-        self.state: dict[str, Any] = (
-            read_json(self.config_path) if self.config_path.is_file() else {"steps": {}}
-        )
+        self.state: dict[str, Any] = {"steps": {}}
+        if self.config_path.is_file():
+            try:
+                self.state = read_json(self.config_path)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise SftlensError(
+                    f"{self.config_path} is not valid JSON (edited by hand?); fix it, or delete "
+                    "it to recompute every step of this run"
+                ) from None
         self.state.setdefault("steps", {})
         self.state["versions"] = versions()
 
@@ -92,7 +142,9 @@ class RunFolder:
         rows = compute()
         if not write:
             return rows
-        self.add_metrics(rows)
+        # rows this step wrote from other inputs are stale, even those the new inputs do not
+        # produce (e.g. attention metrics after a rerun with --no-attention, or a lost layer)
+        self.add_metrics(rows, drop=set(done.get("metrics", [])) if done else set())
         self.state["steps"][name] = {
             "hash": key,
             "inputs": dict(inputs),
@@ -111,10 +163,10 @@ class RunFolder:
         path = self.path / "metrics.csv"
         return read_metrics_csv(path) if path.is_file() else []
 
-    def add_metrics(self, rows: Iterable[Row]) -> None:
-        write_metrics_csv(
-            self.path / "metrics.csv", _sorted(merge_metric_rows(self.metrics(), rows))
-        )
+    def add_metrics(self, rows: Iterable[Row], drop: Set[str] = frozenset()) -> None:
+        """Merge ``rows`` into ``metrics.csv``, first removing old rows of the metrics in ``drop``."""
+        old = [r for r in self.metrics() if r["metric"] not in drop]
+        write_metrics_csv(self.path / "metrics.csv", _sorted(merge_metric_rows(old, rows)))
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         old = (

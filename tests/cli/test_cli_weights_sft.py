@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import subprocess
 import sys
 
@@ -10,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from clitools import error_line
 from sftlens.cli import main
 
 
-def test_weights_cli_writes_run_folder_and_resumes(tiny_pair, tmp_path, capsys):
+def test_weights_cli_writes_run_folder_and_resumes(tiny_pair, tmp_path, monkeypatch):
     base, sft = tiny_pair
     out = tmp_path / "run"
     assert main(["weights", str(base), str(sft), "--out", str(out), "--no-progress"]) == 0
@@ -42,14 +45,28 @@ def test_weights_cli_writes_run_folder_and_resumes(tiny_pair, tmp_path, capsys):
     assert {r["layer"] for r in rows if r["metric"] == "dw_attn"} == {str(i) for i in range(5)}
     assert any(r["metric"] == "dw_embed" and r["layer"] == "-1" for r in rows)
     assert any(r["metric"] == "dw_total" and r["layer"] == "" for r in rows)
+    # the report states the layer that metrics.csv says changed most (the fixture's layer 4)
+    dw_attn = {int(r["layer"]): float(r["value"]) for r in rows if r["metric"] == "dw_attn"}
+    top = max(dw_attn, key=dw_attn.__getitem__)
+    assert top == 4
     html = (out / "report.html").read_text()
-    assert "data:image/png;base64," in html and "dw_attn" in html
-    # rerun: the step is skipped (same fingerprints) and the table is unchanged
+    assert f"Largest attention change at layer {top} (relative depth {(top + 0.5) / 5:.2f})" in html
+    assert html.count("data:image/png;base64,") == 2  # weights_dw.png and weights_dw_rel.png
+    # config.json records the exact bytes compared: sha256 of each checkpoint file
+    step = json.loads((out / "config.json").read_text())["steps"]["weights"]
+    for name, folder in (("base", base), ("sft", sft)):
+        want = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+        assert step["inputs"][name]["model.safetensors"]["sha256"] == want
+    # rerun: the step is skipped (same fingerprints): computing again would fail here
+    from sftlens import weight_diff
+
+    def fail(*args, **kwargs):
+        raise AssertionError("weights recomputed on an unchanged pair")
+
+    monkeypatch.setattr(weight_diff, "weight_diff", fail)
     before = (out / "metrics.csv").read_bytes()
-    cfg_before = (out / "config.json").read_text()
     assert main(["weights", str(base), str(sft), "--out", str(out), "--no-progress"]) == 0
     assert (out / "metrics.csv").read_bytes() == before
-    assert '"seconds"' in cfg_before
 
 
 def test_cli_error_is_one_line(tmp_path, capsys):
@@ -66,7 +83,9 @@ def test_cli_error_is_one_line(tmp_path, capsys):
         == 2
     )
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: model '") and "aliases:" in err
+    assert (
+        err.startswith(f"error: model '{tmp_path / 'nope'}' is not a folder") and "aliases:" in err
+    )
     assert len(err.splitlines()) == 1
 
 
@@ -108,8 +127,9 @@ def test_sft_trains_saves_and_resumes_bit_exactly(tiny_pair, tmp_path, monkeypat
     base, _ = tiny_pair
     full = tmp_path / "full"
     assert main(_sft_args(base, full)) == 0
-    state = (full / "trainer_state.json").read_text()
-    assert '"step": 4' in state and not (full / "checkpoint-last").exists()
+    state = json.loads((full / "trainer_state.json").read_text())
+    assert state["step"] == 4 and [h["step"] for h in state["history"]] == [1, 2, 3, 4]
+    assert not (full / "checkpoint-last").exists()
     trained = load_file(full / "model.safetensors")
     original = load_file(base / "model.safetensors")
     assert any(not torch.equal(trained[k], original[k]) for k in original)
@@ -143,15 +163,24 @@ def test_sft_trains_saves_and_resumes_bit_exactly(tiny_pair, tmp_path, monkeypat
 
 def test_sft_refuses_test_split(tiny_pair, tmp_path, capsys):
     base, _ = tiny_pair
-    assert main(["sft", str(base), "--split", "test", "--out", str(tmp_path)]) == 2
-    assert "refuses to train on the test split" in capsys.readouterr().err
+    assert main(["sft", str(base), "--split", "test", "--out", str(tmp_path / "o")]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert line == "error: sft refuses to train on the test split; use --split train"
+    assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("bad", [["--steps", "0"], ["--lr", "-1"], ["--prompt-format", "xml"]])
-def test_sft_config_validation(tiny_pair, tmp_path, capsys, bad):
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--lr", "-1"], "--lr must be > 0, got -1.0"),
+        (["--prompt-format", "xml"], "--prompt-format must be 'qa' or 'chat', got 'xml'"),
+    ],
+)
+def test_sft_config_validation(tiny_pair, tmp_path, capsys, bad, message):
     base, _ = tiny_pair
     assert main(["sft", str(base), "--out", str(tmp_path), *bad]) == 2
-    assert capsys.readouterr().err.startswith("error: --")
+    assert error_line(capsys.readouterr().err) == f"error: {message}"
 
 
 def test_demo_end_to_end_on_tiny_model_then_report(tiny_pair, tmp_path):
@@ -180,10 +209,24 @@ def test_demo_end_to_end_on_tiny_model_then_report(tiny_pair, tmp_path):
     assert main(args) == 0
     assert (out / "sft_model" / "model.safetensors").is_file()
     with open(out / "metrics.csv") as f:
-        metrics = {r["metric"] for r in csv.DictReader(f)}
-    assert {"dw_attn", "cka", "prompt_entropy", "attn_js"} <= metrics
+        rows = list(csv.DictReader(f))
+    assert {"dw_attn", "cka", "prompt_entropy", "attn_js"} <= {r["metric"] for r in rows}
+    # the demo compares the base with ITS short SFT: the fingerprints name both folders
+    config = json.loads((out / "config.json").read_text())
+    assert config["fingerprints"]["sft"]["path"] == str((out / "sft_model").resolve())
+    assert config["fingerprints"]["base"]["path"] == str(base.resolve())
+    # the report's sentences carry this run's numbers
+    dw = {int(r["layer"]): float(r["value"]) for r in rows if r["metric"] == "dw_attn"}
+    top = max(dw, key=dw.__getitem__)
+    cka = [float(r["value"]) for r in rows if r["metric"] == "cka" and int(r["layer"]) >= 0]
+    first = next((i for i, v in enumerate(cka) if v < 0.98), None)
+    where = (
+        "never" if first is None else f"at layer {first} (relative depth {(first + 0.5) / 5:.2f})"
+    )
     html = (out / "report.html").read_text()
-    assert "Weight change" in html and "Representations" in html
+    assert f"Largest attention change at layer {top} (relative depth {(top + 0.5) / 5:.2f})" in html
+    assert "6 prompts through both models" in html
+    assert f"Token-level CKA first falls below 0.98: {where}." in html
     (out / "report.html").unlink()
     assert main(["report", str(out)]) == 0
     assert (out / "report.html").read_text() == html

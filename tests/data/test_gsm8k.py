@@ -24,11 +24,6 @@ from sftlens.data import (
 from sftlens.errors import SftlensError
 from sftlens.evaluation import answers_match, extract_strict, normalize_number
 
-GSM8K_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "gsm8k"
-needs_gsm8k = pytest.mark.skipif(
-    not (GSM8K_DIR / "test.jsonl").is_file(), reason="shared GSM8K folder absent"
-)
-
 GOOD = {
     "question": "Tom has 2 cats and buys 3 more. How many cats?",
     "answer": "2+3=<<2+3=5>>5\n#### 5",
@@ -49,29 +44,46 @@ def _no_gsm8k_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SFTLENS_GSM8K_DIR", raising=False)
 
 
-@needs_gsm8k
-def test_real_test_split_has_1319_parseable_rows() -> None:
-    examples = load_jsonl(GSM8K_DIR / "test.jsonl")
+def first_records(path: Path, n: int) -> list[tuple[str, str]]:
+    """The first ``n`` (question, answer) pairs of a jsonl file, read with plain ``json``."""
+    with path.open(encoding="utf-8") as f:
+        records = [json.loads(next(f)) for _ in range(n)]
+    return [(r["question"], r["answer"]) for r in records]
+
+
+def test_real_test_split_has_1319_parseable_rows(gsm8k_dir: Path) -> None:
+    examples = load_jsonl(gsm8k_dir / "test.jsonl")
     assert len(examples) == 1319
     for e in examples:
         assert normalize_number(e.final_answer) is not None, e.answer
         assert answers_match(extract_strict(e.answer), e.final_answer)
 
 
-@needs_gsm8k
-def test_real_train_limit_is_first_rows_in_file_order() -> None:
-    with (GSM8K_DIR / "train.jsonl").open(encoding="utf-8") as f:
-        first = [json.loads(next(f)) for _ in range(4)]
-    got = resolve_dataset(str(GSM8K_DIR), split="train", limit=4)
-    assert [(e.question, e.answer) for e in got] == [(r["question"], r["answer"]) for r in first]
+def test_real_train_limit_is_first_rows_in_file_order(gsm8k_dir: Path) -> None:
+    got = resolve_dataset(str(gsm8k_dir), split="train", limit=4)
+    assert [(e.question, e.answer) for e in got] == first_records(gsm8k_dir / "train.jsonl", 4)
 
 
-@needs_gsm8k
-def test_gsm8k_keyword_finds_shared_folder(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # ../shared/data/gsm8k from here
-    assert len(resolve_dataset("gsm8k", split="test", limit=3)) == 3
-    monkeypatch.setenv("SFTLENS_GSM8K_DIR", str(GSM8K_DIR))
-    assert len(resolve_dataset("GSM8K", split="test")) == 1319
+def test_gsm8k_keyword_finds_shared_folder(
+    gsm8k_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the layout the lookup expects, wherever the data lives: REPO/../shared/data/gsm8k
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "shared" / "data" / "gsm8k").symlink_to(gsm8k_dir.resolve())
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
+    want = first_records(gsm8k_dir / "test.jsonl", 3)  # the real rows, not any 3 problems
+    got = resolve_dataset("gsm8k", split="test", limit=3)
+    assert [(e.question, e.answer) for e in got] == want
+    monkeypatch.chdir(tmp_path)  # ./shared/data/gsm8k works too
+    assert [(e.question, e.answer) for e in resolve_dataset("gsm8k", split="test", limit=3)] == want
+    monkeypatch.chdir(tmp_path / "shared" / "data")  # neither: not found locally, and offline
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SftlensError, match="not found in"):
+        resolve_dataset("gsm8k", split="test")
+    monkeypatch.setenv("SFTLENS_GSM8K_DIR", str(gsm8k_dir))
+    everything = resolve_dataset("GSM8K", split="test")
+    assert len(everything) == 1319 and [(e.question, e.answer) for e in everything[:3]] == want
 
 
 def test_example_final_answer() -> None:
@@ -146,7 +158,10 @@ def test_directory_and_split_resolution(tmp_path: Path) -> None:
     assert [e.question for e in resolve_dataset(tmp_path)] == ["tr1", "tr2"]
     assert [e.question for e in resolve_dataset(str(tmp_path), split="test")] == ["te1"]
     # a file path ignores the split
-    assert len(resolve_dataset(str(tmp_path / "train.jsonl"), split="test")) == 2
+    assert [e.question for e in resolve_dataset(str(tmp_path / "train.jsonl"), split="test")] == [
+        "tr1",
+        "tr2",
+    ]
     with pytest.raises(SftlensError, match=r"no validation\.jsonl"):
         resolve_dataset(str(tmp_path), split="validation")
     with pytest.raises(SftlensError, match="neither a file, a folder"):
@@ -227,7 +242,7 @@ def test_hub_failure_is_one_clear_error(
         resolve_dataset("gsm8k")
     with caplog.at_level(logging.INFO, logger="sftlens.data"):
         got = resolve_dataset("auto", limit=3)
-    assert len(got) == 3
+    assert got == resolve_dataset("synthetic", limit=3)
     assert [r.levelname for r in caplog.records] == ["WARNING"]
     assert "using synthetic" in caplog.text
 

@@ -6,6 +6,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
+from sftlens.errors import SftlensError
 from sftlens.io import read_json, read_metrics_csv
 from sftlens.report.html import esc, image, kv_table, layer_table, render, whole_model_table
 
@@ -53,7 +54,19 @@ _EXPERIMENT_SECTIONS = (
 )
 
 
+RUN_FILES = ("config.json", "metrics.csv", "summary.json")
+_MAKERS = "sftlens weights, analyze, eval, probe, swap, interpolate or demo"
+
+
 def build_report(run: Path) -> Path:
+    if not run.is_dir():
+        what = "is not a folder" if run.exists() else "does not exist"
+        raise SftlensError(f"run folder {run} {what}; make one with {_MAKERS} (--out FOLDER)")
+    if not any((run / name).is_file() for name in RUN_FILES):
+        raise SftlensError(
+            f"{run} holds no run files ({', '.join(RUN_FILES)}); pass the --out folder of a run "
+            f"made with {_MAKERS}"
+        )
     config: dict[str, Any] = (
         read_json(run / "config.json") if (run / "config.json").is_file() else {}
     )

@@ -34,9 +34,15 @@ CHECKPOINT = "checkpoint-last"
 _NOT_HASHED = {"out", "progress", "save_every", "device"}
 
 
-def _hash(cfg: SFTConfig, model_dir: Path) -> str:
-    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_HASHED}
+def _hash(cfg: SFTConfig, model_dir: Path, examples: list[Any]) -> str:
+    """What decides the trained weights: the options, the starting checkpoint's bytes and the
+    training examples themselves (an edited data file or checkpoint at the same path retrains)."""
+    from sftlens.run import fingerprint
+
+    d: dict[str, Any] = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_HASHED}
     d["model"] = str(model_dir)
+    d["model_files"] = fingerprint(model_dir)["files"]
+    d["examples"] = config_hash([[e.question, e.answer] for e in examples])
     return config_hash(d)
 
 
@@ -138,16 +144,17 @@ def train_sft(cfg: SFTConfig) -> Path:
     from sftlens.data import resolve_dataset
     from sftlens.data.prompts import format_chat, format_question, format_target
     from sftlens.models.loading import load_model, resolve_model
+    from sftlens.run import make_out_folder
 
-    out = Path(cfg.out)
+    out = make_out_folder(cfg.out)  # a bad --out fails now, not after the training
     model_dir = resolve_model(cfg.model)
-    key = _hash(cfg, model_dir)
+    examples = resolve_dataset(cfg.data, split=cfg.split, limit=cfg.max_examples, seed=cfg.seed)
+    key = _hash(cfg, model_dir, examples)
     state_path = out / "trainer_state.json"
     if state_path.is_file() and read_json(state_path).get("config_hash") == key:
-        log.info("SFT already finished in %s (same config): reusing it", out)
+        log.info("SFT already finished in %s (same config, model and data): reusing it", out)
         return out
 
-    examples = resolve_dataset(cfg.data, split=cfg.split, limit=cfg.max_examples, seed=cfg.seed)
     ckpt = out / CHECKPOINT
     resume = (ckpt / "trainer_state.json").is_file() and read_json(ckpt / "trainer_state.json").get(
         "config_hash"
@@ -225,12 +232,11 @@ def train_sft(cfg: SFTConfig) -> Path:
             raise SftlensError(f"SFT loss became {total} at step {step}; lower --lr")
         if cfg.max_grad_norm > 0:
             accel.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        lr = opt.param_groups[0]["lr"]  # the rate this step applies (the scheduler moves on after)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        history.append(
-            {"step": step + 1, "loss": total, "tokens": n_tokens, "lr": sched.get_last_lr()[0]}
-        )
+        history.append({"step": step + 1, "loss": total, "tokens": n_tokens, "lr": lr})
         bar.set_postfix(loss=f"{total:.3f}")
         bar.update(1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:

@@ -1,0 +1,136 @@
+"""Every config check of config.py: one line naming the problem and the fix, from the Python API
+(``SftlensError``) and from the CLI (``error: ...``, exit 2). A check without a case here fails
+``test_every_check_in_config_py_has_a_case``."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import sys
+
+import pytest
+
+from clitools import error_line
+from sftlens import config
+from sftlens.cli import COMMANDS, main
+from sftlens.config import (
+    AnalyzeConfig,
+    DemoConfig,
+    EvalConfig,
+    InterpolateConfig,
+    ProbeConfig,
+    SFTConfig,
+    SwapConfig,
+    WeightsConfig,
+)
+from sftlens.errors import SftlensError
+
+DT = "('float32', 'bfloat16', 'float16')"
+# (config class, invalid field values, the exact message)
+CASES: list[tuple[type, dict, str]] = [
+    (WeightsConfig, {"base": ""}, "weights needs two models: BASE and SFT"),
+    (WeightsConfig, {"sft": ""}, "weights needs two models: BASE and SFT"),
+    (SFTConfig, {"split": "test"}, "sft refuses to train on the test split; use --split train"),
+    (SFTConfig, {"steps": 0}, "--steps must be >= 1, got 0"),
+    (SFTConfig, {"batch_size": 0}, "--batch-size must be >= 1, got 0"),
+    (SFTConfig, {"grad_accum": 0}, "--grad-accum must be >= 1, got 0"),
+    (SFTConfig, {"max_length": 0}, "--max-length must be >= 1, got 0"),
+    (SFTConfig, {"lr": 0.0}, "--lr must be > 0, got 0.0"),
+    (SFTConfig, {"lr": -1.0}, "--lr must be > 0, got -1.0"),
+    (SFTConfig, {"warmup_ratio": 1.0}, "--warmup-ratio must be in [0, 1), got 1.0"),
+    (SFTConfig, {"warmup_ratio": -0.1}, "--warmup-ratio must be in [0, 1), got -0.1"),
+    (SFTConfig, {"save_every": -1}, "--save-every must be >= 0, got -1"),
+    (SFTConfig, {"prompt_format": "xml"}, "--prompt-format must be 'qa' or 'chat', got 'xml'"),
+    (SFTConfig, {"dtype": "float64"}, f"--dtype must be one of {DT}, got 'float64'"),
+    (DemoConfig, {"sft_steps": 0}, "--sft-steps must be >= 1, got 0"),
+    (DemoConfig, {"analyze_prompts": -1}, "--analyze-prompts must be >= 0, got -1"),
+    (AnalyzeConfig, {"max_prompts": 0}, "--max-prompts must be >= 1, got 0"),
+    (AnalyzeConfig, {"batch_size": 0}, "--batch-size must be >= 1, got 0"),
+    (AnalyzeConfig, {"max_length": 1}, "--max-length must be >= 2, got 1"),
+    (AnalyzeConfig, {"text": "answer"}, "--text must be 'qa' or 'question', got 'answer'"),
+    (AnalyzeConfig, {"padding_side": "up"}, "--padding-side must be 'left' or 'right', got 'up'"),
+    (AnalyzeConfig, {"alpha": 0.0}, "--alpha must be > 0, got 0.0"),
+    (AnalyzeConfig, {"preset": "x"}, "--preset must be 'default' or 'paper', got 'x'"),
+    (AnalyzeConfig, {"pooling": "max"}, "--pooling must be 'mean' or 'last', got 'max'"),
+    (AnalyzeConfig, {"dtype": "int8"}, f"--dtype must be one of {DT}, got 'int8'"),
+    (EvalConfig, {"limit": 0}, "--limit must be >= 1, got 0"),
+    (EvalConfig, {"shots": -1}, "--shots must be >= 0, got -1"),
+    (EvalConfig, {"batch_size": 0}, "--batch-size must be >= 1, got 0"),
+    (EvalConfig, {"max_new_tokens": 0}, "--max-new-tokens must be >= 1, got 0"),
+    (EvalConfig, {"dtype": "fp8"}, f"--dtype must be one of {DT}, got 'fp8'"),
+    (ProbeConfig, {"max_prompts": 0}, "--max-prompts must be >= 1, got 0"),
+    (ProbeConfig, {"batch_size": 0}, "--batch-size must be >= 1, got 0"),
+    (ProbeConfig, {"max_length": 1}, "--max-length must be >= 2, got 1"),
+    (ProbeConfig, {"dtype": "fp8"}, f"--dtype must be one of {DT}, got 'fp8'"),
+    (SwapConfig, {"blocks": -1}, "--blocks must be >= 0, got -1"),
+    (SwapConfig, {"limit": 0}, "--limit must be >= 1, got 0"),
+    (SwapConfig, {"batch_size": 0}, "--batch-size must be >= 1, got 0"),
+    (SwapConfig, {"dtype": "fp8"}, f"--dtype must be one of {DT}, got 'fp8'"),
+    (InterpolateConfig, {"blocks": -1}, "--blocks must be >= 0, got -1"),
+    (InterpolateConfig, {"limit": 0}, "--limit must be >= 1, got 0"),
+    (InterpolateConfig, {"batch_size": 0}, "--batch-size must be >= 1, got 0"),
+    (InterpolateConfig, {"dtype": "fp8"}, f"--dtype must be one of {DT}, got 'fp8'"),
+]
+COMMAND_OF = {cls: name for name, (cls, _, _) in COMMANDS.items() if cls is not None}
+
+
+def positional(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get("positional")]
+
+
+def api_kwargs(cls: type, bad: dict) -> dict:
+    return {**{name: "m" for name in positional(cls)}, **bad}
+
+
+def cli_args(cls: type, bad: dict) -> list[str]:
+    args = [COMMAND_OF[cls]] + [str(bad.get(name, "m")) for name in positional(cls)]
+    for name, value in bad.items():
+        if name not in positional(cls):
+            args += ["--" + name.replace("_", "-"), str(value)]
+    return args
+
+
+def case_id(case: tuple[type, dict, str]) -> str:
+    cls, bad, _ = case
+    return f"{cls.__name__}-" + "-".join(f"{k}={v}" for k, v in bad.items())
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_config_check_from_api_and_cli(case, tmp_path, monkeypatch, capsys):
+    cls, bad, message = case
+    monkeypatch.chdir(tmp_path)  # nothing may be created; if it were, it lands here
+    with pytest.raises(SftlensError) as info:
+        cls(**api_kwargs(cls, bad))
+    assert str(info.value) == message
+    assert main(cli_args(cls, bad)) == 2
+    assert error_line(capsys.readouterr().err) == f"error: {message}"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("cls", sorted(COMMAND_OF, key=lambda c: c.__name__))
+def test_defaults_pass_every_check(cls):
+    cls(**{name: "m" for name in positional(cls)})
+
+
+def test_every_check_in_config_py_has_a_case(monkeypatch):
+    """Each ``_check(`` call site in config.py fails for at least one case above."""
+    tree = ast.parse(inspect.getsource(config))
+    sites = {
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "_check"
+    }
+    failed: set[int] = set()
+    real = config._check
+
+    def recording(ok: bool, message: str) -> None:
+        if not ok:
+            failed.add(sys._getframe(1).f_lineno)
+        real(ok, message)
+
+    monkeypatch.setattr(config, "_check", recording)
+    for cls, bad, _ in CASES:
+        with pytest.raises(SftlensError):
+            cls(**api_kwargs(cls, bad))
+    assert sites and failed == sites, f"checks without a case at config.py lines {sites - failed}"
