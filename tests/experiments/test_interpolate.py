@@ -327,3 +327,19 @@ def test_cli_interpolate_one_line_errors(folders, tmp_path, capsys):
     assert err.startswith("error: alpha 'a' is not a number") and len(err.splitlines()) == 1
     assert main(_args(base_dir, sft_dir, tmp_path / "o", folders["data"], "--spans", "3:1")) == 2
     assert "span 3:1 is reversed" in capsys.readouterr().err
+
+
+def test_summary_barrier_is_the_rise_above_the_chord_between_the_ends():
+    from sftlens.experiments.interpolate import interpolate_summary
+
+    nll = {0.0: 2.0, 0.25: 2.5, 0.5: 2.2, 1.0: 1.0, 1.5: 9.0}  # 1.5 is outside: no barrier
+    rows = [{"span": "all", "alpha": a, "answer_nll": v} for a, v in nll.items()]
+    rows += [{"span": "0:2", "alpha": a, "answer_nll": 3.0 - a} for a in (0.0, 0.5)]
+    s = interpolate_summary(rows, problems=7)
+    chord = {a: (1 - a) * 2.0 + a * 1.0 for a in (0.25, 0.5)}  # 1.75 and 1.5
+    assert s["spans"]["all"]["barrier_nll"] == pytest.approx(
+        max(nll[a] - chord[a] for a in chord)
+    )  # 0.75 at a = 0.25
+    assert s["spans"]["all"]["best_alpha"] == 1.0
+    assert s["spans"]["0:2"]["barrier_nll"] is None  # no alpha = 1 on this curve
+    assert s["spans"]["0:2"]["answer_nll_at_1"] is None and s["problems"] == 7

@@ -411,3 +411,40 @@ def test_cli_swap_one_line_errors(folders, tmp_path, capsys):
     assert "differ in architecture" in err and len(err.splitlines()) == 1
     assert main(_args(base_dir, sft_dir, tmp_path / "o3", folders["data"], "--blocks", "5")) == 2
     assert "K=5 depth blocks do not fit a model of 4 layers" in capsys.readouterr().err
+
+
+def test_rows_and_summary_from_hand_made_scores(tmp_path):
+    from sftlens.experiments.swap import ItemLog, swap_rows, swap_summary
+    from sftlens.layers import Span, depth_blocks
+
+    log = ItemLog(tmp_path / "items.json", key="k")
+    nll = {
+        "reference/base": 3.0,
+        "reference/sft": 2.0,  # SFT gain: 1.0 nats
+        "sft_into_base/0:2": 2.9,
+        "sft_into_base/2:4": 2.5,
+        "sft_into_base/1:3": 3.4,
+        "base_into_sft/0:2": 2.2,
+        "base_into_sft/2:4": 2.1,
+        "base_into_sft/1:3": 2.05,
+    }
+    for item, v in nll.items():
+        log.put(item, {"answer_nll": v, "answer_token_acc": 0.5, "tokens": 10})
+    assert ItemLog(tmp_path / "items.json", key="k").items == log.items  # persisted
+    assert ItemLog(tmp_path / "items.json", key="other").items == {}  # other inputs: nothing
+    spans = [*depth_blocks(4, 2), Span(1, 3)]
+    rows = swap_rows(log, spans, 4)
+    by = {(r["direction"], r.get("span") or r["host"]): r for r in rows}
+    assert by[("sft_into_base", "2:4")]["gain_recovered"] == pytest.approx(0.5)
+    assert by[("sft_into_base", "1:3")]["delta_nll"] == pytest.approx(0.4)
+    assert by[("base_into_sft", "0:2")]["gain_lost"] == pytest.approx(0.2)
+    assert by[("base_into_sft", "0:2")].get("gain_recovered") is None
+    assert by[("sft_into_base", "2:4")]["depth_start"] == 0.5
+    s = swap_summary(rows, problems=3)
+    assert s["largest_change"]["span"] == "2:4"  # |-0.5| beats +0.4 and the base_into_sft rows
+    assert s["largest_change_base_into_sft"]["span"] == "0:2"
+    assert s["gain_recovered"] == pytest.approx({"0:2": 0.1, "2:4": 0.5, "1:3": -0.4})
+    assert s["gain_recovered_sum_of_blocks"] == pytest.approx(0.6)  # depth blocks only
+    # no SFT gain: no fraction to report
+    log.put("reference/sft", {"answer_nll": 3.0, "answer_token_acc": 0.5, "tokens": 10})
+    assert swap_summary(swap_rows(log, spans, 4), 3)["gain_recovered"]["0:2"] is None
