@@ -165,7 +165,11 @@ def report_section(
             )
             + "</table>"
         )
-    shown = ("span", "mask", "alpha", "answer_nll", "answer_token_acc")
+    for r in table:
+        r["layer range"] = (
+            "every parameter" if r["span"] == ALL else f"{r['first_layer']}-{r['last_layer']}"
+        )
+    shown = ("span", "layer range", "mask", "alpha", "answer_nll", "answer_token_acc")
     head = "".join(f"<th>{esc(c)}</th>" for c in shown)
     lines = "".join(
         "<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in shown) + "</tr>" for r in table

@@ -402,8 +402,14 @@ def report_section(
         png = run / "plots" / f"swap_{d}.png"
         if png.is_file():
             body += image(png, png.name)
+    for r in table:  # the layer range next to every span and mask, so nobody has to decode them
+        r["layer range"] = (
+            "none" if r["direction"] == "reference" else f"{r['first_layer']}-{r['last_layer']}"
+        )
     shown = (
         "direction",
+        "host",
+        "layer range",
         "span",
         "mask",
         "depth_start",
