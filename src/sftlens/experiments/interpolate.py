@@ -24,6 +24,7 @@ from sftlens.experiments.swap import (
     ItemLog,
     LazyPair,
     cell,
+    log,
     prepare,
     read_csv,
     score,
@@ -84,6 +85,11 @@ def run_interpolate(cfg: InterpolateConfig) -> Path:
                 done.put(item, score(base, tok, prep, cfg))
             bar.update()
     bar.close()
+    log.info(
+        "interpolate: %d models scored, %d reused from an earlier run",
+        bar.n - bar.initial,
+        bar.initial,
+    )
     rows = []
     for name, span in targets:
         where = (

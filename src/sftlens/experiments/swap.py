@@ -296,6 +296,9 @@ def run_swap(cfg: SwapConfig) -> Path:
                 done.put(f"{d}/{span.name}", score(hybrids[d], tok, prep, cfg))
                 bar.update()
     bar.close()
+    log.info(
+        "swap: %d models scored, %d reused from an earlier run", bar.n - bar.initial, bar.initial
+    )
     rows = swap_rows(done, spans, prep.num_layers)
     write_rows_csv(prep.run.path / "swap.csv", rows, SWAP_COLUMNS)
     summary = swap_summary(rows, len(prep.prompts))
