@@ -301,28 +301,37 @@ class ProbeConfig:
 class SwapConfig:
     """``sftlens swap BASE SFT``: hybrids with blocks exchanged between the two models.
 
-    Work: :mod:`sftlens.experiments.swap`.
+    Every span is swapped in both directions at once (SFT blocks into the base, base blocks into
+    the SFT model); the two unmodified models are scored too. Work: :mod:`sftlens.experiments.swap`.
     """
 
     base: str = arg(help="BASE model: folder, .gguf file, hub id or alias", positional=True)
     sft: str = arg(help="SFT model: folder, .gguf file, hub id or alias", positional=True)
     out: str = arg("runs/swap", help="run folder")
     blocks: int = arg(5, help="swap each of K depth blocks (0: only --spans)")
-    spans: str = arg("", help="extra layer spans [i, j), e.g. '0:6,24:30'")
+    spans: str = arg("", help="extra half-open layer spans i:j, e.g. '0:6,24:30'")
     data: str = arg("auto", help="jsonl file, folder, 'gsm8k', 'synthetic' or 'auto'")
     split: str = arg("test", help="split whose problems score each hybrid")
-    limit: int = arg(64, help="problems for the teacher-forced scores")
+    limit: int = arg(64, help="problems for the teacher-forced scores (first N of the split)")
     batch_size: int = arg(8, help="sequences per forward pass")
-    max_length: int = arg(512, help="tokens per question + answer")
+    max_length: int = arg(512, help="tokens per question + answer (longer ones are truncated)")
     dtype: str = arg("float32", help="model dtype")
     device: str = arg("auto", help="'auto', 'cpu' or 'cuda'")
     allow_pickle: bool = arg(False, help="allow reading pickle (*.bin) checkpoints you trust")
     progress: bool = arg(True, help="show progress bars")
 
     def __post_init__(self) -> None:
+        from sftlens.layers import parse_spans
+
         _check(self.blocks >= 0, f"--blocks must be >= 0, got {self.blocks}")
+        parse_spans(self.spans, None)  # syntax now; the range once the model is known
+        _check(
+            self.blocks > 0 or bool(self.spans.strip()),
+            "nothing to swap; pass --blocks K (K >= 1) or --spans i:j",
+        )
         _check(self.limit >= 1, f"--limit must be >= 1, got {self.limit}")
         _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        _check(self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
         _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got '{self.dtype}'")
 
 
@@ -336,21 +345,35 @@ class InterpolateConfig:
     base: str = arg(help="BASE model: folder, .gguf file, hub id or alias", positional=True)
     sft: str = arg(help="SFT model: folder, .gguf file, hub id or alias", positional=True)
     out: str = arg("runs/interpolate", help="run folder")
-    alphas: str = arg("0,0.25,0.5,0.75,1", help="interpolation weights of the SFT model")
-    blocks: int = arg(0, help="also interpolate each of K depth blocks alone (0: all layers only)")
-    spans: str = arg("", help="extra layer spans [i, j), e.g. '0:6,24:30'")
+    alphas: str = arg(
+        "0,0.25,0.5,0.75,1", help="interpolation weights of the SFT model (0 = base, 1 = SFT)"
+    )
+    all_layers: bool = arg(
+        True, help="interpolate every parameter at once (embeddings, final norm, LM head too)"
+    )
+    blocks: int = arg(0, help="also interpolate each of K depth blocks alone (0: none)")
+    spans: str = arg("", help="also interpolate these half-open layer spans i:j, e.g. '0:6,24:30'")
     data: str = arg("auto", help="jsonl file, folder, 'gsm8k', 'synthetic' or 'auto'")
     split: str = arg("test", help="split whose problems score each model")
-    limit: int = arg(64, help="problems for the teacher-forced scores")
+    limit: int = arg(64, help="problems for the teacher-forced scores (first N of the split)")
     batch_size: int = arg(8, help="sequences per forward pass")
-    max_length: int = arg(512, help="tokens per question + answer")
+    max_length: int = arg(512, help="tokens per question + answer (longer ones are truncated)")
     dtype: str = arg("float32", help="model dtype")
     device: str = arg("auto", help="'auto', 'cpu' or 'cuda'")
     allow_pickle: bool = arg(False, help="allow reading pickle (*.bin) checkpoints you trust")
     progress: bool = arg(True, help="show progress bars")
 
     def __post_init__(self) -> None:
+        from sftlens.layers import parse_alphas, parse_spans
+
+        parse_alphas(self.alphas)
         _check(self.blocks >= 0, f"--blocks must be >= 0, got {self.blocks}")
+        parse_spans(self.spans, None)  # syntax now; the range once the model is known
+        _check(
+            self.all_layers or self.blocks > 0 or bool(self.spans.strip()),
+            "nothing to interpolate; keep --all-layers or pass --blocks K or --spans i:j",
+        )
         _check(self.limit >= 1, f"--limit must be >= 1, got {self.limit}")
         _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        _check(self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
         _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got '{self.dtype}'")

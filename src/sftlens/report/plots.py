@@ -196,3 +196,75 @@ def plot_heads(
     ax.set_title(f"{metric} per layer and head ({model})")
     fig.colorbar(im, ax=ax, fraction=0.04)
     return _save(fig, path)
+
+
+# -- causal experiments: swap and interpolate -----------------------------------------------------
+
+
+def plot_swap(
+    rows: Sequence[Row],
+    path: str | Path,
+    *,
+    title: str,
+    references: Mapping[str, float],
+    metric: str = "answer_nll",
+) -> Path | None:
+    """Bars of one swap direction's hybrids (one per span, bottom first), reference lines.
+
+    ``rows`` are ``swap.csv`` rows of one direction; ``references`` maps ``base`` / ``sft`` to
+    the unmodified models' value of ``metric``, drawn as horizontal lines.
+    """
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["span"] + (f"\n{r['mask']}" if r.get("mask") else "") for r in rows]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(rows) + 2.5), 3.8), dpi=110)
+    ax.bar(range(len(rows)), [r[metric] for r in rows], color="#4c72b0", zorder=2)
+    for (name, value), style in zip(sorted(references.items()), ("--", ":")):
+        ax.axhline(value, color="k", linestyle=style, linewidth=1.2, label=f"{name} (unmodified)")
+    values = [r[metric] for r in rows] + list(references.values())
+    low, high = min(values), max(values)
+    pad = 0.15 * (high - low) or 0.05 * abs(high) or 1.0
+    ax.set_ylim(low - pad, high + pad)
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_xlabel("swapped layers [i:j) (and depth mask)")
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3, zorder=0)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_interpolate(rows: Sequence[Row], path: str | Path) -> Path | None:
+    """``answer_nll`` and ``answer_token_acc`` against alpha, one curve per span."""
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spans = list(dict.fromkeys(r["span"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.8), dpi=110)
+    for ax, metric in zip(axes, ("answer_nll", "answer_token_acc")):
+        for span in spans:
+            mine = sorted((r for r in rows if r["span"] == span), key=lambda r: r["alpha"])
+            mask = next((r["mask"] for r in mine if r.get("mask")), "")
+            ax.plot(
+                [r["alpha"] for r in mine],
+                [r[metric] for r in mine],
+                marker="o",
+                markersize=3,
+                linewidth=1.5,
+                label=span + (f" ({mask})" if mask else ""),
+            )
+        ax.set_xlabel("alpha (0 = base, 1 = SFT)")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, title="layers", title_fontsize=7)
+    fig.suptitle("theta = alpha * theta_sft + (1 - alpha) * theta_base", fontsize=10)
+    return _save(fig, path)

@@ -1,0 +1,175 @@
+"""Which layers: depth blocks, masks and spans (pure, no torch).
+
+SPEC "Names": with ``K`` depth blocks of ``L`` layers, block ``k`` holds layers
+``floor(k*L/K) .. floor((k+1)*L/K) - 1``. A mask is ``K`` characters ``0``/``1``, the leftmost
+the BOTTOM block (next to the embeddings). A span ``i:j`` is the half-open layer range
+``[i, j)``, as the swap and interpolation experiments take it.
+
+>>> [s.name for s in depth_blocks(30, 5)]
+['0:6', '6:12', '12:18', '18:24', '24:30']
+>>> depth_blocks(30, 5)[0].mask
+'10000'
+>>> [s.name for s in parse_spans("0:6, 24:30", 30)]
+['0:6', '24:30']
+>>> mask_layers("01110", 10)
+[2, 3, 4, 5, 6, 7]
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from sftlens.errors import SftlensError
+
+__all__ = [
+    "Span",
+    "block_bounds",
+    "depth_blocks",
+    "mask_layers",
+    "parse_alphas",
+    "parse_spans",
+]
+
+
+@dataclass(frozen=True)
+class Span:
+    """The layers ``[start, stop)``; ``mask`` is the depth-block mask when it is one block."""
+
+    start: int
+    stop: int
+    mask: str = ""
+
+    @property
+    def name(self) -> str:
+        """``"start:stop"``, the form :func:`parse_spans` reads."""
+        return f"{self.start}:{self.stop}"
+
+    @property
+    def layers(self) -> list[int]:
+        return list(range(self.start, self.stop))
+
+    @property
+    def first(self) -> int:
+        return self.start
+
+    @property
+    def last(self) -> int:
+        return self.stop - 1
+
+    def depth(self, num_layers: int) -> tuple[float, float]:
+        """The slice of relative depth it covers: ``(start / L, stop / L)``."""
+        return self.start / num_layers, self.stop / num_layers
+
+
+def _check_counts(num_layers: int, k: int) -> None:
+    if num_layers < 1:
+        raise SftlensError(f"a model needs at least 1 layer, got L={num_layers}")
+    if not 1 <= k <= num_layers:
+        raise SftlensError(
+            f"K={k} depth blocks do not fit a model of {num_layers} layers; pass 1 <= K <= {num_layers}"
+        )
+
+
+def block_bounds(k: int, num_layers: int, num_blocks: int) -> tuple[int, int]:
+    """``(start, stop)`` of depth block ``k`` of ``K``: ``floor(k*L/K), floor((k+1)*L/K)``."""
+    _check_counts(num_layers, num_blocks)
+    if not 0 <= k < num_blocks:
+        raise SftlensError(f"depth block {k} does not exist; pass 0 <= k < K={num_blocks}")
+    return (k * num_layers) // num_blocks, ((k + 1) * num_layers) // num_blocks
+
+
+def depth_blocks(num_layers: int, num_blocks: int) -> list[Span]:
+    """The ``K`` depth blocks of ``L`` layers, bottom first, each with its one-hot mask.
+
+    ``K`` must be between 1 and ``L`` so that no block is empty.
+    """
+    _check_counts(num_layers, num_blocks)
+    out = []
+    for k in range(num_blocks):
+        start, stop = block_bounds(k, num_layers, num_blocks)
+        mask = "0" * k + "1" + "0" * (num_blocks - k - 1)
+        out.append(Span(start, stop, mask))
+    return out
+
+
+def mask_layers(mask: str, num_layers: int) -> list[int]:
+    """The layers a mask selects (leftmost character = bottom block), in order."""
+    if not mask or set(mask) - {"0", "1"}:
+        raise SftlensError(
+            f"mask {mask!r} is not a string of 0/1 characters; pass e.g. 01110 "
+            "(leftmost character = bottom block)"
+        )
+    _check_counts(num_layers, len(mask))
+    return [
+        layer
+        for k, bit in enumerate(mask)
+        if bit == "1"
+        for layer in range(*block_bounds(k, num_layers, len(mask)))
+    ]
+
+
+_SPAN = re.compile(r"^(\d+):(\d+)$")
+
+
+def parse_spans(text: str, num_layers: int | None) -> list[Span]:
+    """Parse ``"i:j,k:l"`` into half-open layer spans ``[i, j)``.
+
+    Empty text gives ``[]``. Each span must be non-empty (``i < j``) and, when ``num_layers``
+    is given, lie inside ``0..L``; a span listed twice is an error. With ``num_layers=None``
+    only the syntax and the order of ``i`` and ``j`` are checked (what a config can check
+    before the model is known).
+    """
+    out: list[Span] = []
+    if not text.strip():
+        return out
+    for part in text.split(","):
+        item = part.strip().replace(" ", "")
+        m = _SPAN.match(item)
+        if m is None:
+            raise SftlensError(
+                f"span {part.strip()!r} is malformed; write layer spans as i:j "
+                "(half-open, e.g. '0:6,24:30')"
+            )
+        start, stop = int(m.group(1)), int(m.group(2))
+        if start == stop:
+            raise SftlensError(
+                f"span {item} is empty (it holds layers {start} to {stop - 1}); "
+                f"write i:j with i < j, e.g. {start}:{start + 1}"
+            )
+        if start > stop:
+            raise SftlensError(f"span {item} is reversed; write it as {stop}:{start}")
+        if num_layers is not None and stop > num_layers:
+            raise SftlensError(
+                f"span {item} is out of range for a model of {num_layers} layers; "
+                f"use layers 0..{num_layers} (e.g. {min(start, num_layers - 1)}:{num_layers})"
+            )
+        span = Span(start, stop)
+        if span in out:
+            raise SftlensError(f"span {item} is listed twice; list each span once")
+        out.append(span)
+    return out
+
+
+def parse_alphas(text: str) -> list[float]:
+    """Parse interpolation weights ``"0,0.25,0.5"`` (finite numbers, each once, any order).
+
+    Values outside [0, 1] are allowed (extrapolation beyond an endpoint).
+    """
+    out: list[float] = []
+    for part in text.split(","):
+        item = part.strip()
+        try:
+            value = float(item)
+        except ValueError:
+            raise SftlensError(
+                f"alpha {item!r} is not a number; pass comma-separated weights like "
+                "'0,0.25,0.5,0.75,1'"
+            ) from None
+        if not math.isfinite(value):
+            raise SftlensError(f"alpha {item!r} is not finite; pass finite weights like '0,0.5,1'")
+        if value in out:
+            raise SftlensError(f"alpha {item} is listed twice; list each weight once")
+        out.append(value)
+    return out
