@@ -240,19 +240,28 @@ def test_cli_end_to_end_both_lenses_resume_and_reuse(peaked_pair, tmp_path, monk
     assert (out / "metrics.csv").read_bytes() != before
 
 
-def test_api_logit_lens_only(peaked_pair, tmp_path):
-    data = tmp_path / "problems.jsonl"
+def test_api_logit_lens_then_tuned_lens_only(peaked_pair, tmp_path, monkeypatch):
+    data, train = tmp_path / "problems.jsonl", tmp_path / "train.jsonl"
     _jsonl(data, PROBLEMS)
-    run = sftlens.probe(
-        *map(str, peaked_pair),
-        out=str(tmp_path / "r"),
-        data=str(data),
-        max_prompts=2,
-        progress=False,
-    )
+    _jsonl(train, TRAIN)
+    options = dict(out=str(tmp_path / "r"), data=str(data), max_prompts=2, progress=False)
+    run = sftlens.probe(*map(str, peaked_pair), **options)
     metrics = {r["metric"] for r in _read(run / "metrics.csv")}
     assert metrics == {"probe_acc", "probe_logprob", "probe_kl", "probe_agreement"}
     assert not (run / "tuned_lens_base").exists()
+    # --lens both on the finished logit-lens run: one pass, for the tuned lens alone
+    real, seen = P.probe_pass, []
+    monkeypatch.setattr(
+        P,
+        "probe_pass",
+        lambda b, s, lenses, *a, **k: seen.append(list(lenses)) or real(b, s, lenses, *a, **k),
+    )
+    sftlens.probe(
+        *map(str, peaked_pair), **options, lens="both", tuned_data=str(train), tuned_steps=2
+    )
+    assert seen == [["tuned"]]
+    assert len({r["metric"] for r in _read(run / "metrics.csv")}) == 8
+    assert set(json.loads((run / "summary.json").read_text())["probe"]) >= {"logit", "tuned"}
 
 
 @pytest.mark.parametrize(

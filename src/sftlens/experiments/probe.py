@@ -420,9 +420,11 @@ def run_probe(cfg: ProbeConfig, run: RunFolder | None = None) -> Path:
             computed.update({n: s.rows(PREFIX[n]) for n, s in sums.items()})
         return computed[name]
 
-    rows: list[Row] = []
     for name in lenses:
-        rows += run.step(steps[name], inputs[name], functools.partial(compute, name))
+        run.step(steps[name], inputs[name], functools.partial(compute, name))
+    # summary and plots show every lens the run folder holds, as the report's table does
+    names = {p + m for p in PREFIX.values() for m in (*MODEL_METRICS, PAIR_METRIC)}
+    rows = [r for r in run.metrics() if r["metric"] in names]
     run.write_summary(
         {
             "pair": dataclasses.asdict(info),
