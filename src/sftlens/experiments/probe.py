@@ -534,28 +534,30 @@ def report_section(
                 continue
             half = entry.get("half_final_acc_at")
             where = (
-                "never"
-                if not half
-                else f"layer {half['layer']} (relative depth {half['relative_depth']:.2f})"
+                f"half of it is first reached at layer {half['layer']} "
+                f"(relative depth {half['relative_depth']:.2f})"
+                if half
+                else "so no depth reaches half of it"
             )
             items.append(
-                f"<li>{esc(lens)} lens, {esc(model)}: final accuracy {fmt(entry.get('final_acc'))}; "
-                f"half of it first reached at {esc(where)}</li>"
+                f"<li>{esc(lens)} lens, {esc(model)}: final accuracy "
+                f"{fmt(entry.get('final_acc'))}; {esc(where)}</li>"
             )
     body += f"<ul>{''.join(items)}</ul>"
     for metric in ("probe_acc", "probe_logprob", "probe_kl", "probe_agreement"):
         if (run / "plots" / f"{metric}.png").is_file():
             body += image(run / "plots" / f"{metric}.png", metric)
-    body += _table(rows, lenses)
+    for lens in lenses:
+        body += f"<h3>{esc(lens)} lens</h3>" + _table(rows, lens)
     return "Layer-wise probing (logit / tuned lens)", body
 
 
-def _table(rows: Sequence[Row], lenses: Sequence[str]) -> str:
+def _table(rows: Sequence[Row], lens: str) -> str:
+    """Layers -1..L-1 by (metric, model) for one lens."""
     from sftlens.report.html import esc, fmt
 
     columns = [
         (model, PREFIX[lens] + metric)
-        for lens in lenses
         for metric in (*MODEL_METRICS, PAIR_METRIC)
         for model in (("pair",) if metric == PAIR_METRIC else MODELS)
     ]
