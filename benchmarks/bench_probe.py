@@ -11,7 +11,7 @@ Variants, each in a fresh subprocess (so peak memory is its own), on the same en
 
 Printed per variant and prompt count: wall time of the work (after loading), peak RSS, the peak
 RSS growth during the work (``grown``: what the work itself added), and the CUDA peak on a GPU;
-then the ratios probe/plain and probe's memory at the largest vs the smallest prompt count
+after a warm-up forward of both models; then the ratios probe/plain and probe's memory at the largest vs the smallest prompt count
 (goal: flat, since logits are never held for all layers or all prompts). The readout costs
 ``2 * d * V`` FLOPs per layer and answer token, ``L + 1`` times per model where the plain
 forward pays it once, so expect probe/plain well above 1 for a small model with a large
@@ -75,7 +75,13 @@ def child(a: argparse.Namespace) -> dict:
     enc = encode(
         tok, [(format_question(e.question), format_target(e.answer)) for e in examples], 512
     )
-    cuda = next(base.parameters()).is_cuda
+    device = next(base.parameters()).device
+    cuda = device.type == "cuda"
+    # warm-up: fault in the memory-mapped weights and first-call buffers before measuring, so
+    # "grown" is what the work adds, not the page-in of two checkpoints
+    warm = torch.tensor([enc.ids[0][:16]], device=device)
+    for m in (base, sft):
+        m(input_ids=warm, use_cache=False)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -84,7 +90,7 @@ def child(a: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     if a.child == "plain":
         for batch, _ in data:
-            batch = batch.to(next(base.parameters()).device)
+            batch = batch.to(device)
             for m in (base, sft):
                 m(
                     input_ids=batch.input_ids,
