@@ -341,7 +341,9 @@ def run_probe(cfg: ProbeConfig, run: RunFolder | None = None) -> Path:
 
     def model(name: str) -> Any:  # loaded only when a step has to compute
         if name not in models:
-            models[name], _ = load_model(dirs[name], dtype=cfg.dtype, device=cfg.device)
+            models[name], _ = load_model(
+                dirs[name], dtype=cfg.dtype, device=cfg.device, allow_pickle=cfg.allow_pickle
+            )
         return models[name]
 
     def tuned_lens(name: str) -> TunedLens:
