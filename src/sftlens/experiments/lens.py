@@ -194,6 +194,7 @@ def fit_tuned_lens(
     lr: float,
     chunk: int = 256,
     progress: bool = False,
+    desc: str = "tuned lens",
 ) -> list[float]:
     """Fit the translators with Adam; returns the loss of every step.
 
@@ -208,7 +209,7 @@ def fit_tuned_lens(
 
     opt = torch.optim.Adam(lens.translators.parameters(), lr=lr)
     history: list[float] = []
-    for step in tqdm(range(steps), desc="tuned lens", unit="step", disable=not progress):
+    for step in tqdm(range(steps), desc=desc, unit="step", disable=not progress):
         batch, keep = batches(step)
         with torch.no_grad():
             states, _ = capture(model, batch)

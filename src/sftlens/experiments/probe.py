@@ -373,6 +373,7 @@ def run_probe(cfg: ProbeConfig, run: RunFolder | None = None) -> Path:
             lr=cfg.tuned_lr,
             chunk=cfg.chunk_size,
             progress=cfg.progress,
+            desc=f"tuned lens ({name})",
         )
         lens.save(
             folder,
