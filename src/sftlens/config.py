@@ -270,6 +270,9 @@ class EvalConfig:
         _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got '{self.dtype}'")
 
 
+LENSES = ("logit", "tuned", "both")
+
+
 @dataclass
 class ProbeConfig:
     """``sftlens probe BASE SFT``: logit-lens (and tuned-lens) readouts of every layer.
@@ -283,8 +286,26 @@ class ProbeConfig:
     data: str = arg("auto", help="jsonl file, folder, 'gsm8k', 'synthetic' or 'auto'")
     split: str = arg("test", help="split whose problems are probed")
     max_prompts: int = arg(64, help="number of problems (first N of the split)")
+    lens: str = arg(
+        "logit",
+        help="'logit' (final norm + LM head on every layer), 'tuned' (per-layer affine "
+        "translators fitted on the train split first) or 'both'",
+    )
     batch_size: int = arg(8, help="sequences per forward pass")
     max_length: int = arg(512, help="tokens per question + answer (longer ones are truncated)")
+    padding_side: str = arg("right", help="'right' or 'left' (the numbers do not depend on it)")
+    chunk_size: int = arg(
+        256,
+        help="answer positions per logits chunk (memory: about 10 x chunk x vocab float32, "
+        "0.5 GB for a 49k vocabulary)",
+    )
+    tuned_data: str | None = arg(
+        None, help="data whose 'train' split fits the tuned lens (default: --data)"
+    )
+    tuned_prompts: int = arg(256, help="train-split problems the tuned lens is fitted on")
+    tuned_steps: int = arg(250, help="Adam steps of the tuned-lens fit (one batch each)")
+    tuned_lr: float = arg(1e-3, help="Adam learning rate of the tuned-lens fit")
+    seed: int = arg(0, help="seed of the tuned-lens training order")
     dtype: str = arg("float32", help="model dtype (reductions are float64 regardless)")
     device: str = arg("auto", help="'auto', 'cpu' or 'cuda'")
     allow_pickle: bool = arg(False, help="allow reading pickle (*.bin) checkpoints you trust")
@@ -292,8 +313,20 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         _check(self.max_prompts >= 1, f"--max-prompts must be >= 1, got {self.max_prompts}")
+        _check(
+            self.lens in LENSES,
+            f"--lens must be one of {', '.join(LENSES)}, got '{self.lens}'",
+        )
         _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         _check(self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
+        _check(
+            self.padding_side in ("left", "right"),
+            f"--padding-side must be 'left' or 'right', got '{self.padding_side}'",
+        )
+        _check(self.chunk_size >= 1, f"--chunk-size must be >= 1, got {self.chunk_size}")
+        _check(self.tuned_prompts >= 1, f"--tuned-prompts must be >= 1, got {self.tuned_prompts}")
+        _check(self.tuned_steps >= 1, f"--tuned-steps must be >= 1, got {self.tuned_steps}")
+        _check(self.tuned_lr > 0, f"--tuned-lr must be > 0, got {self.tuned_lr}")
         _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got '{self.dtype}'")
 
 

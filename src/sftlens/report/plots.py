@@ -268,3 +268,28 @@ def plot_interpolate(rows: Sequence[Row], path: str | Path) -> Path | None:
     axes[0].legend(fontsize=7, title="layers", title_fontsize=7)
     fig.suptitle("theta = alpha * theta_sft + (1 - alpha) * theta_base", fontsize=10)
     return _save(fig, path)
+
+
+def plot_probe(rows: Sequence[Row], plots_dir: str | Path) -> list[Path]:
+    """Probe curves (blocks 0..L-1): one plot per metric, both models and every lens present.
+
+    Logit-lens metrics are ``probe_*``, tuned-lens ones ``tuned_probe_*`` (see docs/metrics.md).
+    """
+    plots_dir = Path(plots_dir)
+    out: list[Path] = []
+    for metric, title, ylabel in (
+        ("probe_acc", "Top-1 accuracy on the gold answer token", "accuracy"),
+        ("probe_logprob", "Mean log-prob of the gold answer token", "nats"),
+        ("probe_kl", "KL(final || layer) from the model's own output", "nats"),
+        ("probe_agreement", "Top-1 agreement of BASE and SFT at the same layer", "fraction"),
+    ):
+        models = ("pair",) if metric == "probe_agreement" else ("base", "sft")
+        curves = {
+            (lens if model == "pair" else f"{lens} lens, {model}"): ys
+            for lens, prefix in (("logit", ""), ("tuned", "tuned_"))
+            for model in models
+            if (ys := series(rows, prefix + metric, model))
+        }
+        if curves:
+            out.append(plot_layers(plots_dir / f"{metric}.png", curves, title=title, ylabel=ylabel))
+    return out
