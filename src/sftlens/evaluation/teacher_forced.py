@@ -64,6 +64,7 @@ def answer_scores(
     >>> s = answer_scores(model, tok, ["Question: 1 + 1 ?\\nAnswer:"], [" 2 #### 2"])  # doctest: +SKIP
     >>> s.answer_nll, s.answer_token_acc, s.tokens                                     # doctest: +SKIP
     """
+    from sftlens.evaluation.generate import forward_params
     from sftlens.tuning.sft import collate, encode_example
 
     if len(prompts) != len(targets):
@@ -72,6 +73,7 @@ def answer_scores(
     # longest first: the first batch shows the peak memory at once, batches carry little padding
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
     device = next(model.parameters()).device
+    keep_ok = "logits_to_keep" in forward_params(model)
     out = AnswerScores(per_example=[{} for _ in encoded])
     for start in tqdm(
         range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress
@@ -80,8 +82,17 @@ def answer_scores(
         batch = {
             k: v.to(device) for k, v in collate([encoded[i] for i in idx], tok.pad_token_id).items()
         }
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
+        # Only the positions from the earliest answer token on need logits: with k-shot prompts
+        # the full (B, T, vocab) tensor would be mostly prompt and can take gigabytes.
+        answer_at = (batch["labels"] != -100).nonzero()[:, 1]
+        first = max(int(answer_at.min()) - 1, 0) if answer_at.numel() else 0
+        kwargs = {"logits_to_keep": batch["labels"].shape[1] - first} if keep_ok else {}
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs
+        ).logits
+        if not keep_ok:
+            logits = logits[:, first:]
+        labels = batch["labels"][:, first + 1 :]
         keep = labels != -100
         logits = logits[:, :-1][keep].float()  # (answer tokens, V): logits at t predict t + 1
         gold = labels[keep]
