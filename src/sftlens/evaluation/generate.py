@@ -15,9 +15,9 @@ The engine works on token ids, never on text, so that what it generates is exact
   tokenized WHOLE, so a token that straddles the exemplar/question boundary never differs
   from the plain tokenization (the prefix just ends one token earlier).
 - Models with sliding-window attention layers count the window in cache slots, padding
-  included, so padding in the middle would shift their window: for them the prefix cache is
-  not used and batches are plain left padded (exact, since the padding then lies outside every
-  real token's window).
+  included, so padding in the middle would shift their window: when a sequence can outgrow the
+  window, the prefix cache is not used and batches are plain left padded (exact, since the
+  padding then lies outside every real token's window).
 - Decoding is pure ``argmax`` (the model's ``generation_config`` processors, e.g. a repetition
   penalty, are not applied). A row stops at an EOS id, when its decoded new text contains a
   stop string, or after ``max_new_tokens``; a finished row leaves the batch (its cache rows
@@ -123,16 +123,17 @@ def _step(model: Any, cache: Any = None, **inputs: Any) -> Any:
     return out.logits[:, -1], (cached if cached is not None else out["past_key_values"])
 
 
-def has_sliding_window(model: Any) -> bool:
-    """True when some attention layer of ``model`` uses a sliding window."""
+def sliding_window(model: Any) -> int | None:
+    """The smallest attention window of ``model``'s sliding-window layers, or None if none."""
     cfg = model.config
     cfg = getattr(cfg, "get_text_config", lambda: cfg)()
     types = getattr(cfg, "layer_types", None)
-    if types is not None:
-        return any("sliding" in str(t) for t in types)
-    if getattr(cfg, "sliding_window", None) is None:
-        return False
-    return bool(getattr(cfg, "use_sliding_window", True))
+    window = getattr(cfg, "sliding_window", None)
+    if types is not None and not any("sliding" in str(t) for t in types):
+        return None
+    if types is None and (window is None or not getattr(cfg, "use_sliding_window", True)):
+        return None
+    return int(window) if isinstance(window, int) and window > 0 else 1
 
 
 class PrefixCache:
@@ -238,12 +239,20 @@ def generate(
 
     Items are sorted longest first. With ``prefix_len > 0`` every prompt must start with the
     same ``prefix_len`` ids (see :func:`shared_prefix_length`); they are run once and their KV
-    cache reused by every batch, unless the model has sliding-window layers (then 0 is used).
+    cache reused by every batch, unless a sequence may outgrow a sliding attention window
+    (then 0 is used).
     """
     if not items:
         return
-    if prefix_len and has_sliding_window(model):
-        log.info("sliding-window attention: the shared-prefix KV cache is not used")
+    window = sliding_window(model)
+    longest = max(len(ids) for _, ids in items) + rule.max_new_tokens
+    if prefix_len and window is not None and longest > window - 1:
+        log.info(
+            "sequences of up to %d tokens exceed the model's attention window of %d: "
+            "the shared-prefix KV cache is not used",
+            longest,
+            window,
+        )
         prefix_len = 0
     prefix = PrefixCache(model, items[0][1][:prefix_len]) if prefix_len > 0 else None
     order = sorted(range(len(items)), key=lambda i: -len(items[i][1]))
