@@ -12,9 +12,12 @@ from eval_helpers import problem, tiny_lm, write_jsonl
 from tiny_models import save_model, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread() -> Iterator[None]:
-    """Tiny matmuls on a shared 2-core box: one torch thread is much faster (and repeatable)."""
+    """Tiny matmuls on a shared 2-core box: one torch thread is much faster (and repeatable).
+
+    Module scope, so module-scoped runs share the setting with the tests that compare to them.
+    """
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from sftlens.tuning.sft import encode_example
 from tiny_models import tiny_llama_config
 
 ARCHS = ("llama", "gpt2")
@@ -67,3 +68,18 @@ def write_jsonl(path: Path, records: list[dict[str, str]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def loop_scores(model, tok, prompt: str, target: str) -> tuple[float, int, int]:
+    """(summed NLL, top-1 hits, tokens) of ``target``'s tokens, one unpadded forward, float64."""
+    ids, labels = encode_example(tok, prompt, target, 10_000)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    nll, hits, n = 0.0, 0, 0
+    for t in range(1, len(ids)):
+        if labels[t] != -100:
+            nll -= float(logp[t - 1, labels[t]])
+            hits += int(int(logits[t - 1].argmax()) == labels[t])
+            n += 1
+    return nll, hits, n

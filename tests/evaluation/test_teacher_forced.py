@@ -3,28 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from eval_helpers import ARCHS, tiny_lm
+from eval_helpers import ARCHS, loop_scores, tiny_lm
 
 from sftlens.evaluation.teacher_forced import answer_scores
-from sftlens.tuning.sft import encode_example
 
 SHOTS = "Question : how many is 1 + 2 ? Answer : 1 + 2 = 3 . #### 3 " * 3
-
-
-def loop_scores(model, tok, prompt: str, target: str) -> tuple[float, int, int]:
-    """(summed NLL, top-1 hits, tokens) of ``target``'s tokens, one unpadded forward, float64."""
-    ids, labels = encode_example(tok, prompt, target, 10_000)
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
-    logp = torch.log_softmax(logits, -1)
-    nll, hits, n = 0.0, 0, 0
-    for t in range(1, len(ids)):
-        if labels[t] != -100:
-            nll -= float(logp[t - 1, labels[t]])
-            hits += int(int(logits[t - 1].argmax()) == labels[t])
-            n += 1
-    return nll, hits, n
 
 
 @pytest.mark.parametrize("arch", ARCHS)

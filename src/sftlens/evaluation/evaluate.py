@@ -150,9 +150,8 @@ def encode_prompt(tok: Any, text: str) -> list[int]:
     return list(tok(text, add_special_tokens=True)["input_ids"])
 
 
-def _context_length(model: Any) -> int | None:
-    cfg = model.config
-    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+def _context_length(config: Any) -> int | None:
+    cfg = getattr(config, "get_text_config", lambda: config)()
     n = getattr(cfg, "max_position_embeddings", None)
     return int(n) if isinstance(n, int) and n > 0 else None
 
@@ -337,6 +336,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     prompts = [task.prompt(tok, exemplars, e.question) for e in examples]
     ids = [encode_prompt(tok, p) for p in prompts]
     stop_strings, stop_ids = task.resolved_stops(tok)
+    _check_context(model_dir, tok, task, ids, examples, cfg.teacher_forced)
 
     run = RunFolder(cfg.out)
     prints: dict[str, Any] = {"model": fingerprint(model_dir)}
@@ -364,7 +364,6 @@ def run_eval(cfg: EvalConfig) -> Path:
         model, _ = load_model(model_dir, dtype=cfg.dtype, device=cfg.device)
         if adapter_dir is not None:
             model = load_adapter(model, adapter_dir)
-        _check_context(model, tok, task, ids, examples, cfg.teacher_forced)
         path, state = predictions_path(run.path, cfg.role), _state_path(run.path, cfg.role)
         done: list[Record] = []
         if state.is_file() and read_json(state).get("key") == key:
@@ -420,7 +419,7 @@ def run_eval(cfg: EvalConfig) -> Path:
 
 
 def _check_context(
-    model: Any,
+    model_dir: Path,
     tok: Any,
     task: GSM8KTask,
     ids: Sequence[Sequence[int]],
@@ -428,7 +427,9 @@ def _check_context(
     teacher_forced: bool,
 ) -> None:
     """Refuse prompts (plus new tokens, or plus gold answers) longer than the model's context."""
-    limit = _context_length(model)
+    from transformers import AutoConfig
+
+    limit = _context_length(AutoConfig.from_pretrained(model_dir))
     if limit is None:
         return
     longest = max(len(x) for x in ids)
