@@ -223,11 +223,21 @@ def test_adapter_with_zero_b_changes_nothing_and_a_trained_one_does(
     assert all(a["answer_nll"] != pytest.approx(b["answer_nll"]) for a, b in zip(changed, base))
 
 
-def test_zero_shot_on_a_single_file_without_teacher_forcing(eval_setup, tmp_path):
+def test_zero_shot_on_a_single_file_without_teacher_forcing_through_the_api(eval_setup, tmp_path):
+    import sftlens
+
     model, data = eval_setup
-    out = tmp_path / "run"
-    extra = ["--shots", "0", "--limit", "2", "--no-teacher-forced"]
-    assert main(args(model, data / "test.jsonl", out, *extra)) == 0
+    out = sftlens.evaluate(
+        str(model),
+        data=str(data / "test.jsonl"),
+        shots=0,
+        limit=2,
+        max_new_tokens=3,
+        teacher_forced=False,
+        out=str(tmp_path / "run"),
+        progress=False,
+    )
+    assert out == tmp_path / "run"
     assert {r["metric"] for r in metrics(out)} == {"gsm8k_strict", "gsm8k_flexible"}
     assert len(predictions(out)) == 2 and "answer_nll" not in predictions(out)[0]
 

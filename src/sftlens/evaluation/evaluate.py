@@ -282,8 +282,11 @@ def _state_path(run: Path, role: str) -> Path:
     return run / f".predictions_{role}.json"
 
 
-def read_predictions(path: Path) -> list[Record]:
-    """The complete records in ``path``; a torn last line (a crash mid-write) is dropped."""
+def read_predictions(path: Path, repair: bool = True) -> list[Record]:
+    """The complete records in ``path``; a torn last line (a crash mid-write) is dropped.
+
+    With ``repair`` the file is rewritten without that line, so appends continue cleanly.
+    """
     if not path.is_file():
         return []
     records: list[Record] = []
@@ -298,8 +301,9 @@ def read_predictions(path: Path) -> list[Record]:
                 raise SftlensError(
                     f"{path}:{n + 1} is not a JSON line; delete the file to evaluate from scratch"
                 ) from None
-            log.warning("%s: dropping a torn last line (the run was interrupted mid-write)", path)
-            atomic_write_text(path, "".join(lines[:-1]))
+            if repair:
+                log.warning("%s: dropping a torn last line (interrupted mid-write)", path)
+                atomic_write_text(path, "".join(lines[:-1]))
     return records
 
 
@@ -458,7 +462,7 @@ def report_section(
     run: Path, rows: list[dict[str, Any]], summary: dict[str, Any]
 ) -> tuple[str, str] | None:
     """(title, html) of this experiment's report section, or None when the run has no such files."""
-    from sftlens.report.html import esc, fmt, kv_table
+    from sftlens.report.html import esc, kv_table
 
     evals = summary.get("eval")
     if not isinstance(evals, dict) or not evals:
@@ -488,17 +492,18 @@ def report_section(
         items += [("stops", ", ".join(f"{k}: {v}" for k, v in s.get("stops", {}).items()))]
         items += [("task hash", s.get("task_hash")), ("seconds", s.get("seconds"))]
         body += f"<h3>{esc(role)}</h3>" + kv_table(items)
-        body += _examples_html(predictions_path(run, role), fmt)
+        body += _examples_html(predictions_path(run, role))
     return "GSM8K evaluation", body
 
 
-def _examples_html(path: Path, fmt: Any, n: int = 3) -> str:
-    from sftlens.report.html import esc
+def _examples_html(path: Path, n: int = 3) -> str:
+    """The first ``n`` problems of a predictions file: question, completion, verdicts, escaped."""
+    from sftlens.report.html import esc, fmt
 
     if not path.is_file():
         return ""
     try:
-        records = read_predictions(path)[:n]
+        records = read_predictions(path, repair=False)[:n]
     except SftlensError:
         return ""
     out = ""
