@@ -166,10 +166,19 @@ def test_interrupted_eval_resumes_to_the_same_files(clean_run, eval_setup, tmp_p
         calls.append(1)
         return real(*a, **kw)
 
+    prefixes = []
+    real_prefix = gen_mod.PrefixCache.__init__
+
+    def counting_prefix(self, *a, **kw):
+        prefixes.append(1)
+        real_prefix(self, *a, **kw)
+
     calls.clear()
     monkeypatch.setattr(gen_mod, "generate_batch", counting)
+    monkeypatch.setattr(gen_mod.PrefixCache, "__init__", counting_prefix)
     assert main(args(model, data, run)) == 0
     assert len(calls) == 2  # 7 problems in batches of 3: only the two missing batches ran
+    assert len(prefixes) == 1  # one prefix forward, shared by generation and teacher forcing
     for name in ("predictions_base.jsonl", "metrics.csv"):
         assert (run / name).read_bytes() == (clean_run / name).read_bytes(), name
     assert summary(run) == summary(clean_run)

@@ -10,9 +10,11 @@ from eval_helpers import ARCHS, tiny_lm
 
 from sftlens.evaluation import generate as gen_mod
 from sftlens.evaluation.generate import (
+    PrefixCache,
     StopRule,
     generate,
     generate_batch,
+    shared_prefix,
     shared_prefix_length,
     sliding_window,
 )
@@ -61,9 +63,10 @@ def truncate(new: list[int], rule: StopRule) -> list[int]:
     return new
 
 
-def run_engine(model, items, rule, **kw) -> dict[int, list[int]]:
+def run_engine(model, items, rule, prefix_len: int = 0, **kw) -> dict[int, list[int]]:
+    prefix = PrefixCache(model, items[0][:prefix_len]) if prefix_len else None
     out: dict[int, list[int]] = {}
-    for batch in generate(model, list(enumerate(items)), rule, pad_id=0, **kw):
+    for batch in generate(model, list(enumerate(items)), rule, pad_id=0, prefix=prefix, **kw):
         for key, g in batch:
             out[key] = g.tokens
     return out
@@ -119,36 +122,31 @@ def test_prefix_runs_once_and_rows_leave_the_batch(tok, monkeypatch):
     items = prompts(tok, n=9)
     p = shared_prefix_length(items)
     rule = StopRule(decode=decoder(tok), eos_ids=frozenset({1}), max_new_tokens=6)
-    built, widths = [], []
-    real_init = gen_mod.PrefixCache.__init__
-
-    def counting_init(self, m, ids):
-        built.append(len(ids))
-        real_init(self, m, ids)
-
+    shapes = []
     real_step = gen_mod._step
 
     def recording_step(m, cache=None, **inputs):
-        widths.append(tuple(inputs["input_ids"].shape))
+        shapes.append(tuple(inputs["input_ids"].shape))
         return real_step(m, cache, **inputs)
 
-    monkeypatch.setattr(gen_mod.PrefixCache, "__init__", counting_init)
     monkeypatch.setattr(gen_mod, "_step", recording_step)
-    run_engine(model, items, rule, batch_size=4, prefix_len=p)
-    assert built == [p]  # one prefix forward for three batches
-    # every batch forward sees only the suffixes (never the prefix again)
+    prefix = shared_prefix(model, items, longest=max(map(len, items)) + 6)
+    assert prefix is not None and prefix.ids == items[0][:p]
+    for _ in generate(model, list(enumerate(items)), rule, pad_id=0, batch_size=4, prefix=prefix):
+        pass
+    # one forward over the prefix, then three batches that only ever see the suffixes
     longest_suffix = max(len(x) for x in items) - p
-    assert all(w[1] <= longest_suffix for w in widths[1:])
+    assert shapes[0] == (1, p)
+    assert all(w <= longest_suffix for _, w in shapes[1:])
+    assert [b for b, w in shapes[1:] if w > 1] == [4, 4, 1]
 
-    # a row that has finished is dropped: with one prompt stopping at once, later steps are smaller
-    first = items[0]
-    out = gen_mod.generate_batch
-    first_token = run_engine(model, [first], rule, prefix_len=0)[0][0]
-    widths.clear()
+    # a row that has finished leaves the batch: later steps carry fewer rows
+    first_token = run_engine(model, [items[0]], rule)[0][0]
+    shapes.clear()
     eos_rule = StopRule(decode=decoder(tok), eos_ids=frozenset({first_token}), max_new_tokens=6)
-    results = out(model, [first, *items[1:3]], eos_rule, pad_id=0, prefix=None)
+    results = generate_batch(model, items[:3], eos_rule, pad_id=0, prefix=None)
     assert results[0].tokens == [first_token] and results[0].reason == "eos"
-    assert widths[0][0] == 3 and all(w[0] <= 2 for w in widths[1:])
+    assert shapes[0][0] == 3 and all(b <= 2 for b, _ in shapes[1:])
 
 
 def test_sliding_window_model_falls_back_to_plain_left_padding(tok):
@@ -157,7 +155,10 @@ def test_sliding_window_model_falls_back_to_plain_left_padding(tok):
     items = prompts(tok, n=5)
     rule = StopRule(decode=decoder(tok), eos_ids=frozenset({1}), max_new_tokens=10)
     expected = [reference(model, x, rule) for x in items]
-    got = run_engine(model, items, rule, batch_size=3, prefix_len=shared_prefix_length(items))
+    longest = max(map(len, items)) + 10
+    assert shared_prefix(model, items, longest=longest) is None  # window 8 < 40-token prompts
+    assert shared_prefix(model, [x[:6] for x in items], longest=7) is not None  # fits the window
+    got = run_engine(model, items, rule, batch_size=3)
     assert [got[i] for i in range(len(items))] == expected
 
 

@@ -186,9 +186,10 @@ def evaluate_batches(
 
     ``prompt_ids[i]`` are the ids of ``prompts[i]`` (the prompt of ``examples[i]``); problems
     whose index is in ``skip`` are left out. The shared prefix is taken over ALL prompts, so a
-    resumed run batches and caches exactly as an uninterrupted one.
+    resumed run batches and caches exactly as an uninterrupted one; generation and the
+    teacher-forced pass both start from its KV cache.
     """
-    from sftlens.evaluation.generate import StopRule, generate, shared_prefix_length
+    from sftlens.evaluation.generate import StopRule, generate, shared_prefix
     from sftlens.evaluation.teacher_forced import answer_scores
 
     stop_strings, stop_ids = task.resolved_stops(tok)
@@ -198,10 +199,22 @@ def evaluate_batches(
         eos_ids=stop_ids,
         max_new_tokens=task.max_new_tokens,
     )
-    prefix_len = shared_prefix_length(prompt_ids) if prefix_cache else 0
     items = [(i, prompt_ids[i]) for i in range(len(examples)) if i not in skip]
+    targets = [task.target(e.answer) for e in examples]
+    prefix = None
+    if prefix_cache and items:
+        longest = max(len(x) for x in prompt_ids) + task.max_new_tokens
+        if teacher_forced:  # prompt + answer + EOS
+            longest = max(
+                longest,
+                *(
+                    len(x) + len(tok(t, add_special_tokens=False)["input_ids"]) + 1
+                    for x, t in zip(prompt_ids, targets)
+                ),
+            )
+        prefix = shared_prefix(model, prompt_ids, longest=longest)
     for batch in generate(
-        model, items, rule, pad_id=tok.pad_token_id, batch_size=batch_size, prefix_len=prefix_len
+        model, items, rule, pad_id=tok.pad_token_id, batch_size=batch_size, prefix=prefix
     ):
         idx = [i for i, _ in batch]
         tf = None
@@ -210,9 +223,10 @@ def evaluate_batches(
                 model,
                 tok,
                 [prompts[i] for i in idx],
-                [task.target(examples[i].answer) for i in idx],
+                [targets[i] for i in idx],
                 batch_size=min(batch_size, 8),
                 max_length=1 << 30,  # never truncate: the context was checked up front
+                prefix=prefix,
             )
         records = []
         for row, (i, gen) in enumerate(batch):

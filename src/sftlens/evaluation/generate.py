@@ -16,8 +16,8 @@ The engine works on token ids, never on text, so that what it generates is exact
   from the plain tokenization (the prefix just ends one token earlier).
 - Models with sliding-window attention layers count the window in cache slots, padding
   included, so padding in the middle would shift their window: when a sequence can outgrow the
-  window, the prefix cache is not used and batches are plain left padded (exact, since the
-  padding then lies outside every real token's window).
+  window, :func:`shared_prefix` gives no cache and batches are plain left padded (exact, since
+  the padding then lies outside every real token's window).
 - Decoding is pure ``argmax`` (the model's ``generation_config`` processors, e.g. a repetition
   penalty, are not applied). A row stops at an EOS id, when its decoded new text contains a
   stop string, or after ``max_new_tokens``; a finished row leaves the batch (its cache rows
@@ -107,16 +107,20 @@ def forward_params(model: Any) -> Any:
     return inspect.signature(inner.forward).parameters
 
 
+def cache_kwarg(model: Any) -> str:
+    """``cache`` (transformers >= 5) or ``past_key_values`` (4.x): where a KV cache goes."""
+    return "cache" if "cache" in forward_params(model) else "past_key_values"
+
+
 def _step(model: Any, cache: Any = None, **inputs: Any) -> Any:
     """One forward that returns the next-token logits only and the updated KV cache.
 
     ``cache`` travels as ``cache`` (transformers >= 5) or ``past_key_values`` (4.x); logits are
     computed for the last position only where the model accepts ``logits_to_keep``.
     """
-    params = forward_params(model)
     if cache is not None:
-        inputs["cache" if "cache" in params else "past_key_values"] = cache
-    if "logits_to_keep" in params:
+        inputs[cache_kwarg(model)] = cache
+    if "logits_to_keep" in forward_params(model):
         inputs["logits_to_keep"] = 1
     out = model(use_cache=True, **inputs)
     cached = getattr(out, "cache", None)
@@ -196,10 +200,11 @@ def generate_batch(
     active = list(range(b))  # batch row -> prompt index
     while True:
         step = logits.float().argmax(-1)
+        chosen = step.tolist()  # one device sync per step, not one per row
         keep: list[int] = []
         for row, i in enumerate(active):
             res = results[i]
-            res.tokens.append(int(step[row]))
+            res.tokens.append(chosen[row])
             reason = rule.check(res.tokens)
             if reason is None:
                 keep.append(row)
@@ -226,6 +231,30 @@ def generate_batch(
     return results
 
 
+def shared_prefix(
+    model: Any, prompts: Sequence[Sequence[int]], *, longest: int
+) -> PrefixCache | None:
+    """The KV cache of the prompts' longest common prefix, or None where it cannot be exact.
+
+    ``longest`` is the longest sequence that will be run after it (prompt plus new tokens, or
+    plus a teacher-forced answer). None when the prompts share nothing, or when ``longest``
+    could outgrow a sliding attention window (padding after the prefix would shift it).
+    """
+    n = shared_prefix_length(prompts)
+    if n == 0:
+        return None
+    window = sliding_window(model)
+    if window is not None and longest > window - 1:
+        log.info(
+            "sequences of up to %d tokens exceed the model's attention window of %d: "
+            "the shared-prefix KV cache is not used",
+            longest,
+            window,
+        )
+        return None
+    return PrefixCache(model, list(prompts[0][:n]))
+
+
 def generate(
     model: Any,
     items: Sequence[tuple[K, Sequence[int]]],
@@ -233,28 +262,13 @@ def generate(
     *,
     pad_id: int,
     batch_size: int = 16,
-    prefix_len: int = 0,
+    prefix: PrefixCache | None = None,
 ) -> Iterator[list[tuple[K, Generation]]]:
     """Greedy continuations of ``(key, prompt ids)`` items, yielded one finished batch at a time.
 
-    Items are sorted longest first. With ``prefix_len > 0`` every prompt must start with the
-    same ``prefix_len`` ids (see :func:`shared_prefix_length`); they are run once and their KV
-    cache reused by every batch, unless a sequence may outgrow a sliding attention window
-    (then 0 is used).
+    Items are sorted longest first. With ``prefix`` (see :func:`shared_prefix`) every prompt
+    must start with ``prefix.ids``; their KV cache is reused by every batch.
     """
-    if not items:
-        return
-    window = sliding_window(model)
-    longest = max(len(ids) for _, ids in items) + rule.max_new_tokens
-    if prefix_len and window is not None and longest > window - 1:
-        log.info(
-            "sequences of up to %d tokens exceed the model's attention window of %d: "
-            "the shared-prefix KV cache is not used",
-            longest,
-            window,
-        )
-        prefix_len = 0
-    prefix = PrefixCache(model, items[0][1][:prefix_len]) if prefix_len > 0 else None
     order = sorted(range(len(items)), key=lambda i: -len(items[i][1]))
     for start in range(0, len(order), batch_size):
         chunk = [items[i] for i in order[start : start + batch_size]]
