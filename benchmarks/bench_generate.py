@@ -97,9 +97,12 @@ def _cut(new: list[int], rule: Any) -> list[int]:
     return new[: rule.max_new_tokens]
 
 
-def engine(model: Any, tok: Any, prompts: list[list[int]], rule: Any, prefix_len: int, bs: int):
-    from sftlens.evaluation.generate import generate
+def engine(model: Any, tok: Any, prompts: list[list[int]], rule: Any, use_prefix: bool, bs: int):
+    """sftlens' engine; with ``use_prefix`` the shared prefix's forward is part of the timing."""
+    from sftlens.evaluation.generate import generate, shared_prefix
 
+    longest = max(len(x) for x in prompts) + rule.max_new_tokens
+    prefix = shared_prefix(model, prompts, longest=longest) if use_prefix else None
     out: dict[int, list[int]] = {}
     for batch in generate(
         model,
@@ -107,7 +110,7 @@ def engine(model: Any, tok: Any, prompts: list[list[int]], rule: Any, prefix_len
         rule,
         pad_id=tok.pad_token_id,
         batch_size=bs,
-        prefix_len=prefix_len,
+        prefix=prefix,
     ):
         for i, g in batch:
             out[i] = g.tokens
@@ -157,13 +160,13 @@ def main() -> None:
         f"(shared prefix {plen}), max {a.max_new_tokens} new tokens, batch {a.batch_size}, "
         f"torch threads {torch.get_num_threads()}"
     )
-    engine(model, tok, prompts[:2], rule, 0, 2)  # warm up kernels and allocator
+    engine(model, tok, prompts[:2], rule, False, 2)  # warm up kernels and allocator
 
     results: dict[str, dict[str, Any]] = {}
     runs = [] if a.skip_baseline else [("hf-loop", lambda: hf_loop(model, tok, prompts, rule))]
     runs += [
-        ("batched", lambda: engine(model, tok, prompts, rule, 0, a.batch_size)),
-        ("prefix", lambda: engine(model, tok, prompts, rule, plen, a.batch_size)),
+        ("batched", lambda: engine(model, tok, prompts, rule, False, a.batch_size)),
+        ("prefix", lambda: engine(model, tok, prompts, rule, True, a.batch_size)),
     ]
     outputs: dict[str, list[list[int]]] = {}
     for name, fn in runs:
