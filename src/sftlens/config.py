@@ -239,19 +239,34 @@ class AnalyzeConfig:
 class EvalConfig:
     """``sftlens eval MODEL``: GSM8K accuracy (strict and flexible) and teacher-forced scores.
 
+    Greedy generation in batches with a shared-prefix KV cache; an interrupted run resumes
+    from the problems already written to ``predictions_{role}.jsonl``.
     Work: :mod:`sftlens.evaluation.evaluate`.
     """
 
     model: str = arg(help="model: folder, .gguf file, hub id or alias", positional=True)
     adapter: str | None = arg(None, help="PEFT adapter folder to load on top of MODEL")
+    role: str = arg(
+        "base",
+        help="model column of metrics.csv: 'base' or 'sft' (evaluate both into one --out "
+        "to compare them in one report)",
+    )
     out: str = arg("runs/eval", help="run folder")
     data: str = arg("auto", help="jsonl file, folder, 'gsm8k', 'synthetic' or 'auto'")
-    split: str = arg("test", help="split to score (exemplars always come from 'train')")
-    limit: int | None = arg(200, help="score the first N problems of the split (None: all)")
+    split: str = arg("test", help="split to score")
+    fewshot_data: str | None = arg(
+        None,
+        help="where the exemplars come from (the first --shots problems of its train split; "
+        "default: --data, which must then not be a single file)",
+    )
+    limit: int | None = arg(200, help="score the first N problems of the split (0 or None: all)")
     shots: int = arg(5, help="solved exemplars before each question (0: zero-shot)")
     chat: bool = arg(False, help="wrap the prompt in the tokenizer's chat template")
     batch_size: int = arg(16, help="sequences generated together")
     max_new_tokens: int = arg(256, help="generation stops after this many new tokens")
+    prefix_cache: bool = arg(
+        True, help="run the shared k-shot prefix once and reuse its KV cache (same results)"
+    )
     teacher_forced: bool = arg(
         True, help="also score answer_nll / answer_token_acc on gold answers"
     )
@@ -261,12 +276,13 @@ class EvalConfig:
     progress: bool = arg(True, help="show progress bars")
 
     def __post_init__(self) -> None:
-        _check(self.limit is None or self.limit >= 1, f"--limit must be >= 1, got {self.limit}")
+        _check(self.limit is None or self.limit >= 0, f"--limit must be >= 0, got {self.limit}")
         _check(self.shots >= 0, f"--shots must be >= 0, got {self.shots}")
         _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         _check(
             self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"
         )
+        _check(self.role in ("base", "sft"), f"--role must be 'base' or 'sft', got '{self.role}'")
         _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got '{self.dtype}'")
 
 

@@ -16,7 +16,7 @@ from decimal import Decimal, InvalidOperation
 STRICT_PATTERN = re.compile(r"#### (-?[0-9.,]+)")
 # A number: optional minus (not after a word or ')' where '-' is an operator), optional '$',
 # digits with thousands commas inside, optional decimals. A trailing '.' or ',' is not taken.
-_NUMBER = re.compile(r"(?:(?<![\w)])-)?\$?[0-9](?:[0-9,]*[0-9])?(?:\.[0-9]+)?")
+NUMBER_PATTERN = re.compile(r"(?:(?<![\w)])-)?\$?[0-9](?:[0-9,]*[0-9])?(?:\.[0-9]+)?")
 _PLAIN = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 
 
@@ -28,7 +28,7 @@ def extract_strict(text: str) -> str | None:
 
 def extract_flexible(text: str) -> str | None:
     """The last number in ``text``, as written (``$`` and commas kept), or None."""
-    matches = _NUMBER.findall(text)
+    matches = NUMBER_PATTERN.findall(text)
     return matches[-1] if matches else None
 
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
 from sftlens.errors import SftlensError
+
+if TYPE_CHECKING:
+    from sftlens.evaluation.generate import PrefixCache
 
 
 @dataclass
@@ -57,21 +60,35 @@ def answer_scores(
     max_length: int = 512,
     progress: bool = False,
     desc: str = "answer nll",
+    prefix: PrefixCache | None = None,
 ) -> AnswerScores:
     """Teacher-forced NLL and top-1 accuracy of ``targets`` given ``prompts``.
+
+    With ``prefix`` (the KV cache of token ids every encoded prompt starts with, e.g. the
+    k-shot exemplars) only the rest of each sequence is run, after a copy of that cache; the
+    scores are the same as without it.
 
     >>> from tiny_models import tiny_llama_config, tiny_tokenizer  # doctest: +SKIP
     >>> s = answer_scores(model, tok, ["Question: 1 + 1 ?\\nAnswer:"], [" 2 #### 2"])  # doctest: +SKIP
     >>> s.answer_nll, s.answer_token_acc, s.tokens                                     # doctest: +SKIP
     """
+    from sftlens.evaluation.generate import cache_kwarg, forward_params
     from sftlens.tuning.sft import collate, encode_example
 
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     encoded = [encode_example(tok, p, t, max_length) for p, t in zip(prompts, targets)]
+    skip = len(prefix) if prefix is not None else 0
+    if prefix is not None:
+        if any(ids[:skip] != prefix.ids or len(ids) <= skip for ids, _ in encoded):
+            raise ValueError("every encoded prompt must start with the prefix and go beyond it")
+        if any(any(y != -100 for y in labels[: skip + 1]) for _, labels in encoded):
+            raise ValueError("the prefix must end before the first answer token's prompt token")
+        encoded = [(ids[skip:], labels[skip:]) for ids, labels in encoded]
     # longest first: the first batch shows the peak memory at once, batches carry little padding
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
     device = next(model.parameters()).device
+    keep_ok = "logits_to_keep" in forward_params(model)
     out = AnswerScores(per_example=[{} for _ in encoded])
     for start in tqdm(
         range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress
@@ -80,8 +97,26 @@ def answer_scores(
         batch = {
             k: v.to(device) for k, v in collate([encoded[i] for i in idx], tok.pad_token_id).items()
         }
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
+        # Only the positions from the earliest answer token on need logits: with k-shot prompts
+        # the full (B, T, vocab) tensor would be mostly prompt and can take gigabytes.
+        answer_at = (batch["labels"] != -100).nonzero()[:, 1]
+        first = max(int(answer_at.min()) - 1, 0) if answer_at.numel() else 0
+        kwargs: dict[str, Any] = {"attention_mask": batch["attention_mask"]}
+        if keep_ok:
+            kwargs["logits_to_keep"] = batch["labels"].shape[1] - first
+        if prefix is not None:  # right padding after the prefix: real tokens count from `skip`
+            width = batch["input_ids"].shape[1]
+            kwargs[cache_kwarg(model)] = prefix.expand(len(idx))
+            kwargs["attention_mask"] = torch.cat(
+                [batch["attention_mask"].new_ones((len(idx), skip)), batch["attention_mask"]], 1
+            )
+            kwargs["position_ids"] = torch.arange(skip, skip + width, device=device).expand(
+                len(idx), width
+            )
+        logits = model(input_ids=batch["input_ids"], **kwargs).logits
+        if not keep_ok:
+            logits = logits[:, first:]
+        labels = batch["labels"][:, first + 1 :]
         keep = labels != -100
         logits = logits[:, :-1][keep].float()  # (answer tokens, V): logits at t predict t + 1
         gold = labels[keep]

@@ -1,0 +1,202 @@
+"""The batched engine gives exactly what ``model.generate`` gives one prompt at a time."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from eval_helpers import ARCHS, tiny_lm
+
+from sftlens.evaluation import generate as gen_mod
+from sftlens.evaluation.generate import (
+    PrefixCache,
+    StopRule,
+    generate,
+    generate_batch,
+    shared_prefix,
+    shared_prefix_length,
+    sliding_window,
+)
+
+PREFIX = (
+    "Question : how many is 1 + 2 ? Answer : 1 + 2 = 3 . #### 3 "
+    "Question : how many the a ? Answer : 5 #### 5 Question :"
+)
+
+
+def prompts(tok, n: int = 11, seed: int = 0) -> list[list[int]]:
+    """``n`` prompts sharing PREFIX, with suffixes of 1-9 words (so batches need padding)."""
+    rng = random.Random(seed)
+    words = [w for w in tok.get_vocab() if not w.startswith("<")]
+    texts = [
+        PREFIX + " " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 9))) + " Answer :"
+        for _ in range(n)
+    ]
+    return [tok(t)["input_ids"] for t in texts]
+
+
+def decoder(tok):
+    return lambda ids: tok.decode(ids, skip_special_tokens=True)
+
+
+def reference(model, ids: list[int], rule: StopRule) -> list[int]:
+    """One prompt alone through ``model.generate``, then the stop rule applied token by token."""
+    x = torch.tensor([ids])
+    out = model.generate(
+        x,
+        attention_mask=torch.ones_like(x),
+        do_sample=False,
+        max_new_tokens=rule.max_new_tokens,
+        eos_token_id=sorted(rule.eos_ids),
+        pad_token_id=0,
+    )
+    return truncate(out[0, len(ids) :].tolist(), rule)
+
+
+def truncate(new: list[int], rule: StopRule) -> list[int]:
+    """``new`` up to the first token after which the rule says stop (a plain loop)."""
+    for k in range(1, len(new) + 1):
+        text = rule.decode(new[:k])
+        if new[k - 1] in rule.eos_ids or any(s in text for s in rule.stop_strings):
+            return new[:k]
+    return new
+
+
+def run_engine(model, items, rule, prefix_len: int = 0, **kw) -> dict[int, list[int]]:
+    prefix = PrefixCache(model, items[0][:prefix_len]) if prefix_len else None
+    out: dict[int, list[int]] = {}
+    for batch in generate(model, list(enumerate(items)), rule, pad_id=0, prefix=prefix, **kw):
+        for key, g in batch:
+            out[key] = g.tokens
+    return out
+
+
+def rule_that_bites(refs: list[list[int]], decode, max_new: int) -> StopRule:
+    """A stop string and an extra EOS id that end rows at different steps, some not at all.
+
+    ``refs`` are continuations without those stops; cutting them by a rule gives what
+    generating with that rule gives (greedy decoding does not look ahead).
+    """
+    seen = sorted({t for r in refs for t in r if t != 1})
+    for s_tok in seen:
+        for e_tok in seen:
+            if e_tok == s_tok:
+                continue
+            rule = StopRule(
+                decode=decode,
+                stop_strings=(decode([s_tok]),),
+                eos_ids=frozenset({1, e_tok}),
+                max_new_tokens=max_new,
+            )
+            cut = [truncate(r, rule) for r in refs]
+            lengths = {len(c) for c in cut}
+            if (
+                len(lengths) >= 3
+                and max_new in lengths
+                and any(c[-1] == e_tok for c in cut)
+                and any(c[-1] != e_tok and len(c) < max_new for c in cut)
+            ):
+                return rule
+    raise AssertionError("the tiny model's continuations are too uniform for this test")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("prefix", [True, False], ids=["prefix-cache", "no-prefix"])
+def test_batched_equals_one_at_a_time(arch, prefix, tok):
+    model = tiny_lm(arch)
+    items = prompts(tok)
+    plain = StopRule(decode=decoder(tok), eos_ids=frozenset({1}), max_new_tokens=14)
+    rule = rule_that_bites([reference(model, x, plain) for x in items], decoder(tok), 14)
+    # rows end at different steps, by a stop string, an EOS id or the bound: mid-batch stops
+    expected = [reference(model, x, rule) for x in items]
+
+    p = shared_prefix_length(items) if prefix else 0
+    assert (p > 20) == prefix
+    got = run_engine(model, items, rule, batch_size=4, prefix_len=p)
+    assert [got[i] for i in range(len(items))] == expected
+
+
+def test_prefix_runs_once_and_rows_leave_the_batch(tok, monkeypatch):
+    model = tiny_lm("llama")
+    items = prompts(tok, n=9)
+    p = shared_prefix_length(items)
+    rule = StopRule(decode=decoder(tok), eos_ids=frozenset({1}), max_new_tokens=6)
+    shapes = []
+    real_step = gen_mod._step
+
+    def recording_step(m, cache=None, **inputs):
+        shapes.append(tuple(inputs["input_ids"].shape))
+        return real_step(m, cache, **inputs)
+
+    monkeypatch.setattr(gen_mod, "_step", recording_step)
+    prefix = shared_prefix(model, items, longest=max(map(len, items)) + 6)
+    assert prefix is not None and prefix.ids == items[0][:p]
+    for _ in generate(model, list(enumerate(items)), rule, pad_id=0, batch_size=4, prefix=prefix):
+        pass
+    # one forward over the prefix, then three batches that only ever see the suffixes
+    longest_suffix = max(len(x) for x in items) - p
+    assert shapes[0] == (1, p)
+    assert all(w <= longest_suffix for _, w in shapes[1:])
+    assert [b for b, w in shapes[1:] if w > 1] == [4, 4, 1]
+
+    # a row that has finished leaves the batch: later steps carry fewer rows
+    first_token = run_engine(model, [items[0]], rule)[0][0]
+    shapes.clear()
+    eos_rule = StopRule(decode=decoder(tok), eos_ids=frozenset({first_token}), max_new_tokens=6)
+    results = generate_batch(model, items[:3], eos_rule, pad_id=0, prefix=None)
+    assert results[0].tokens == [first_token] and results[0].reason == "eos"
+    assert shapes[0][0] == 3 and all(b <= 2 for b, _ in shapes[1:])
+
+
+def test_sliding_window_model_falls_back_to_plain_left_padding(tok):
+    model = tiny_lm("mistral")
+    assert sliding_window(model) == 8 and sliding_window(tiny_lm("llama")) is None
+    items = prompts(tok, n=5)
+    rule = StopRule(decode=decoder(tok), eos_ids=frozenset({1}), max_new_tokens=10)
+    expected = [reference(model, x, rule) for x in items]
+    longest = max(map(len, items)) + 10
+    assert shared_prefix(model, items, longest=longest) is None  # window 8 < 40-token prompts
+    assert shared_prefix(model, [x[:6] for x in items], longest=7) is not None  # fits the window
+    got = run_engine(model, items, rule, batch_size=3)
+    assert [got[i] for i in range(len(items))] == expected
+
+
+def test_shared_prefix_length():
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 4]]) == 2
+    assert shared_prefix_length([[1, 2], [1, 2, 3]]) == 1  # each keeps one token to generate from
+    assert shared_prefix_length([[5, 6, 7]]) == 2
+    assert shared_prefix_length([[1, 2], [3, 2]]) == 0
+    assert shared_prefix_length([]) == 0
+    rng = random.Random(1)
+    for _ in range(50):
+        seqs = [[rng.randint(0, 3) for _ in range(rng.randint(1, 6))] for _ in range(4)]
+        p = shared_prefix_length(seqs)
+        assert all(s[:p] == seqs[0][:p] and len(s) > p for s in seqs)
+        assert p == min(len(s) for s in seqs) - 1 or len({tuple(s[: p + 1]) for s in seqs}) > 1
+
+
+def test_generate_batch_checks_its_prefix(tok):
+    model = tiny_lm("llama")
+    items = prompts(tok, n=2)
+    rule = StopRule(decode=decoder(tok), max_new_tokens=2)
+    prefix = gen_mod.PrefixCache(model, items[0][:5])
+    with pytest.raises(ValueError, match="prefix"):
+        generate_batch(model, [items[0], [9, *items[1][1:]]], rule, pad_id=0, prefix=prefix)
+    with pytest.raises(ValueError, match="after the prefix"):
+        generate_batch(model, [items[0][:5]], rule, pad_id=0, prefix=prefix)
+
+
+def test_stop_rule():
+    decode = lambda ids: " ".join(f"t{i}" for i in ids)  # noqa: E731
+    rule = StopRule(
+        decode=decode, stop_strings=("t3", "t2 t5"), eos_ids=frozenset({9}), max_new_tokens=4
+    )
+    assert rule.check([1]) is None
+    assert rule.check([1, 9]) == "eos"
+    assert rule.check([1, 3]) == "stop_string"
+    assert rule.check([2, 5]) == "stop_string"  # a stop string spanning two tokens
+    assert rule.check([1, 1, 1, 1]) == "length"
+    assert rule.text([1, 9]) == "t1"  # EOS is not text
+    assert rule.text([1, 2, 5, 3]) == "t1 "  # cut at the earliest stop string
+    assert rule.text([1, 1]) == "t1 t1"
