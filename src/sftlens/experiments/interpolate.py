@@ -67,9 +67,10 @@ def run_interpolate(cfg: InterpolateConfig) -> Path:
     done = ItemLog(prep.run.path / ".interpolate_items.json", prep.key)
     pair = LazyPair(prep, cfg)
     wanted = list(dict.fromkeys(_item(name, a) for name, _ in targets for a in alphas))
+    reused = sum(w in done for w in wanted)
     bar = tqdm(
         total=len(wanted),
-        initial=sum(w in done for w in wanted),
+        initial=reused,
         desc="interpolate",
         unit="model",
         disable=not cfg.progress,
@@ -87,8 +88,8 @@ def run_interpolate(cfg: InterpolateConfig) -> Path:
     bar.close()
     log.info(
         "interpolate: %d models scored, %d reused from an earlier run",
-        bar.n - bar.initial,
-        bar.initial,
+        len(wanted) - reused,
+        reused,
     )
     rows = []
     for name, span in targets:

@@ -270,9 +270,10 @@ def run_swap(cfg: SwapConfig) -> Path:
     pair = LazyPair(prep, cfg)
     wanted = [f"reference/{m}" for m in ("base", "sft")]
     wanted += [f"{d}/{s.name}" for s in spans for d in DIRECTIONS]
+    reused = sum(w in done for w in wanted)
     bar = tqdm(
         total=len(wanted),
-        initial=sum(w in done for w in wanted),
+        initial=reused,
         desc="swap",
         unit="model",
         disable=not cfg.progress,
@@ -296,9 +297,7 @@ def run_swap(cfg: SwapConfig) -> Path:
                 done.put(f"{d}/{span.name}", score(hybrids[d], tok, prep, cfg))
                 bar.update()
     bar.close()
-    log.info(
-        "swap: %d models scored, %d reused from an earlier run", bar.n - bar.initial, bar.initial
-    )
+    log.info("swap: %d models scored, %d reused from an earlier run", len(wanted) - reused, reused)
     rows = swap_rows(done, spans, prep.num_layers)
     write_rows_csv(prep.run.path / "swap.csv", rows, SWAP_COLUMNS)
     summary = swap_summary(rows, len(prep.prompts))
