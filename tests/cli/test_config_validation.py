@@ -54,22 +54,41 @@ CASES: list[tuple[type, dict, str]] = [
     (AnalyzeConfig, {"preset": "x"}, "--preset must be 'default' or 'paper', got 'x'"),
     (AnalyzeConfig, {"pooling": "max"}, "--pooling must be 'mean' or 'last', got 'max'"),
     (AnalyzeConfig, {"dtype": "int8"}, f"--dtype must be one of {DT}, got 'int8'"),
-    (EvalConfig, {"limit": 0}, "--limit must be >= 1, got 0"),
+    (EvalConfig, {"limit": -1}, "--limit must be >= 0, got -1"),
     (EvalConfig, {"shots": -1}, "--shots must be >= 0, got -1"),
     (EvalConfig, {"batch_size": 0}, "--batch-size must be >= 1, got 0"),
     (EvalConfig, {"max_new_tokens": 0}, "--max-new-tokens must be >= 1, got 0"),
+    (EvalConfig, {"role": "pair"}, "--role must be 'base' or 'sft', got 'pair'"),
     (EvalConfig, {"dtype": "fp8"}, f"--dtype must be one of {DT}, got 'fp8'"),
     (ProbeConfig, {"max_prompts": 0}, "--max-prompts must be >= 1, got 0"),
+    (ProbeConfig, {"lens": "x"}, "--lens must be one of logit, tuned, both, got 'x'"),
     (ProbeConfig, {"batch_size": 0}, "--batch-size must be >= 1, got 0"),
     (ProbeConfig, {"max_length": 1}, "--max-length must be >= 2, got 1"),
+    (ProbeConfig, {"padding_side": "up"}, "--padding-side must be 'left' or 'right', got 'up'"),
+    (ProbeConfig, {"chunk_size": 0}, "--chunk-size must be >= 1, got 0"),
+    (ProbeConfig, {"tuned_prompts": 0}, "--tuned-prompts must be >= 1, got 0"),
+    (ProbeConfig, {"tuned_steps": 0}, "--tuned-steps must be >= 1, got 0"),
+    (ProbeConfig, {"tuned_lr": 0.0}, "--tuned-lr must be > 0, got 0.0"),
     (ProbeConfig, {"dtype": "fp8"}, f"--dtype must be one of {DT}, got 'fp8'"),
     (SwapConfig, {"blocks": -1}, "--blocks must be >= 0, got -1"),
+    (
+        SwapConfig,
+        {"blocks": 0, "spans": ""},
+        "nothing to swap; pass --blocks K (K >= 1) or --spans i:j",
+    ),
     (SwapConfig, {"limit": 0}, "--limit must be >= 1, got 0"),
     (SwapConfig, {"batch_size": 0}, "--batch-size must be >= 1, got 0"),
+    (SwapConfig, {"max_length": 1}, "--max-length must be >= 2, got 1"),
     (SwapConfig, {"dtype": "fp8"}, f"--dtype must be one of {DT}, got 'fp8'"),
     (InterpolateConfig, {"blocks": -1}, "--blocks must be >= 0, got -1"),
+    (
+        InterpolateConfig,
+        {"all_layers": False, "blocks": 0, "spans": ""},
+        "nothing to interpolate; keep --all-layers or pass --blocks K or --spans i:j",
+    ),
     (InterpolateConfig, {"limit": 0}, "--limit must be >= 1, got 0"),
     (InterpolateConfig, {"batch_size": 0}, "--batch-size must be >= 1, got 0"),
+    (InterpolateConfig, {"max_length": 1}, "--max-length must be >= 2, got 1"),
     (InterpolateConfig, {"dtype": "fp8"}, f"--dtype must be one of {DT}, got 'fp8'"),
 ]
 COMMAND_OF = {cls: name for name, (cls, _, _) in COMMANDS.items() if cls is not None}
@@ -86,8 +105,13 @@ def api_kwargs(cls: type, bad: dict) -> dict:
 def cli_args(cls: type, bad: dict) -> list[str]:
     args = [COMMAND_OF[cls]] + [str(bad.get(name, "m")) for name in positional(cls)]
     for name, value in bad.items():
-        if name not in positional(cls):
-            args += ["--" + name.replace("_", "-"), str(value)]
+        if name in positional(cls):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):  # BooleanOptionalAction: --x / --no-x
+            args.append(flag if value else "--no-" + name.replace("_", "-"))
+        else:
+            args += [flag, str(value)]
     return args
 
 
