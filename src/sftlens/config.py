@@ -259,7 +259,7 @@ class EvalConfig:
         help="where the exemplars come from (the first --shots problems of its train split; "
         "default: --data, which must then not be a single file)",
     )
-    limit: int | None = arg(200, help="score the first N problems of the split (0 or None: all)")
+    limit: int | None = arg(200, help="score the first N problems of the split (0: all)")
     shots: int = arg(5, help="solved exemplars before each question (0: zero-shot)")
     chat: bool = arg(False, help="wrap the prompt in the tokenizer's chat template")
     batch_size: int = arg(16, help="sequences generated together")
