@@ -52,7 +52,7 @@ def test_every_run_file_follows_the_umask(tmp_path, umask, mask):
     run = RunFolder(tmp_path / "run")
     run.step("s", {"x": 1}, lambda: [{"model": "pair", "layer": 0, "metric": "m", "value": 1.0}])
     run.write_summary({"k": 1})
-    from sftlens.report.build import build_report
+    from sftlens.reporting.build import build_report
 
     build_report(run.path)
     for name in ("config.json", "metrics.csv", "summary.json", "report.html"):

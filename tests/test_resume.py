@@ -54,7 +54,7 @@ def must_not_run() -> list[dict]:
 @pytest.fixture
 def no_plots(monkeypatch):
     """Plots are not what these tests check; skipping them keeps the tests fast."""
-    from sftlens.report import plots
+    from sftlens.reporting import plots
 
     for name in ("plot_weights", "plot_representations", "plot_heads"):
         monkeypatch.setattr(plots, name, lambda *a, **k: None)

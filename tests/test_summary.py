@@ -9,7 +9,7 @@ import pytest
 
 from sftlens.api import _analyze_summary, _weights_summary
 from sftlens.io import write_metrics_csv
-from sftlens.report.build import build_report
+from sftlens.reporting.build import build_report
 
 NAN = float("nan")
 

@@ -52,7 +52,7 @@ def weights(base: str, sft: str, **options: Any) -> Path:
 
 
 def run_weights(cfg: WeightsConfig, run: RunFolder | None = None) -> Path:
-    from sftlens.report.plots import plot_weights
+    from sftlens.reporting.plots import plot_weights
     from sftlens.weight_diff import weight_diff
 
     run = run or RunFolder(cfg.out)
@@ -80,7 +80,7 @@ def run_weights(cfg: WeightsConfig, run: RunFolder | None = None) -> Path:
 
 
 def _weights_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    from sftlens.report.plots import series
+    from sftlens.reporting.plots import series
 
     attn = series(rows, "dw_attn")
     if not attn:
@@ -116,7 +116,7 @@ def run_analyze(cfg: AnalyzeConfig, run: RunFolder | None = None) -> Path:
     from sftlens.io import atomic_write_json, config_hash, read_json, write_rows_csv
     from sftlens.models.checkpoint import CheckpointReader
     from sftlens.models.pair import check_pair
-    from sftlens.report.plots import plot_heads, plot_representations
+    from sftlens.reporting.plots import plot_heads, plot_representations
     from sftlens.representations import RepresentationPass, run_pass
 
     rank, world = init_from_env()
@@ -223,7 +223,7 @@ def _heads(config: Any) -> int:
 
 
 def _analyze_summary(rows: list[dict[str, Any]], n_prompts: int) -> dict[str, Any]:
-    from sftlens.report.plots import series
+    from sftlens.reporting.plots import series
 
     cka = series(rows, "cka")
     out: dict[str, Any] = {"prompts": n_prompts, "cka_by_layer": cka}
@@ -317,6 +317,6 @@ def demo(**options: Any) -> Path:
 
 def report(run_dir: str | Path) -> Path:
     """(Re)build ``report.html`` from what the run folder holds."""
-    from sftlens.report.build import build_report
+    from sftlens.reporting.build import build_report
 
     return build_report(Path(run_dir))

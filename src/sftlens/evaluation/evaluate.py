@@ -340,7 +340,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     """Evaluate ``cfg.model`` on GSM8K into the run folder ``cfg.out``; returns its path."""
     from sftlens.data import resolve_dataset
     from sftlens.models.loading import resolve_model
-    from sftlens.report.build import build_report
+    from sftlens.reporting.build import build_report
     from sftlens.run import RunFolder, fingerprint
 
     model_dir = resolve_model(cfg.model, allow_pickle=cfg.allow_pickle)
@@ -476,7 +476,7 @@ def report_section(
     run: Path, rows: list[dict[str, Any]], summary: dict[str, Any]
 ) -> tuple[str, str] | None:
     """(title, html) of this experiment's report section, or None when the run has no such files."""
-    from sftlens.report.html import esc, kv_table
+    from sftlens.reporting.html import esc, kv_table
 
     evals = summary.get("eval")
     if not isinstance(evals, dict) or not evals:
@@ -512,7 +512,7 @@ def report_section(
 
 def _examples_html(path: Path, n: int = 3) -> str:
     """The first ``n`` problems of a predictions file: question, completion, verdicts, escaped."""
-    from sftlens.report.html import esc, fmt
+    from sftlens.reporting.html import esc, fmt
 
     if not path.is_file():
         return ""

@@ -101,7 +101,7 @@ def run_interpolate(cfg: InterpolateConfig) -> Path:
         rows += [{**where, "alpha": a, **done[_item(name, a)]} for a in alphas]
     write_rows_csv(prep.run.path / "interpolate.csv", rows, INTERPOLATE_COLUMNS)
     prep.run.write_summary({"interpolate": interpolate_summary(rows, len(prep.prompts))})
-    from sftlens.report.plots import plot_interpolate
+    from sftlens.reporting.plots import plot_interpolate
 
     plot_interpolate(rows, prep.run.path / "plots" / "interpolate.png")
     from sftlens.api import report
@@ -141,7 +141,7 @@ def report_section(
     run: Path, rows: list[dict[str, Any]], summary: dict[str, Any]
 ) -> tuple[str, str] | None:
     """(title, html) of this experiment's report section, or None when the run has no such files."""
-    from sftlens.report.html import esc, fmt, image
+    from sftlens.reporting.html import esc, fmt, image
 
     path = run / "interpolate.csv"
     if not path.is_file():

@@ -271,7 +271,7 @@ def run_probe(cfg: ProbeConfig, run: RunFolder | None = None) -> Path:
     from sftlens.models.checkpoint import CheckpointReader
     from sftlens.models.loading import load_model, resolve_model
     from sftlens.models.pair import check_pair
-    from sftlens.report.plots import plot_probe
+    from sftlens.reporting.plots import plot_probe
     from sftlens.run import RunFolder, fingerprint
 
     run = run or RunFolder(cfg.out)
@@ -514,7 +514,7 @@ def report_section(
     run: Path, rows: list[dict[str, Any]], summary: dict[str, Any]
 ) -> tuple[str, str] | None:
     """(title, html) of this experiment's report section, or None when the run has no such files."""
-    from sftlens.report.html import esc, fmt, image
+    from sftlens.reporting.html import esc, fmt, image
 
     lenses = [
         lens for lens, p in PREFIX.items() if any(r["metric"] == p + "probe_acc" for r in rows)
@@ -557,7 +557,7 @@ def report_section(
 
 def _table(rows: Sequence[Row], lens: str) -> str:
     """Layers -1..L-1 by (metric, model) for one lens."""
-    from sftlens.report.html import esc, fmt
+    from sftlens.reporting.html import esc, fmt
 
     columns = [
         (model, PREFIX[lens] + metric)

@@ -243,7 +243,7 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
 
 def cell(value: Any) -> str:
     """One HTML table cell's text: empty for None, 4 significant digits for floats."""
-    from sftlens.report.html import esc, fmt
+    from sftlens.reporting.html import esc, fmt
 
     return "" if value is None else fmt(value) if isinstance(value, float) else esc(value)
 
@@ -302,7 +302,7 @@ def run_swap(cfg: SwapConfig) -> Path:
     write_rows_csv(prep.run.path / "swap.csv", rows, SWAP_COLUMNS)
     summary = swap_summary(rows, len(prep.prompts))
     prep.run.write_summary({"swap": summary})
-    from sftlens.report.plots import plot_swap
+    from sftlens.reporting.plots import plot_swap
 
     ref = {r["host"]: r["answer_nll"] for r in rows if r["direction"] == "reference"}
     for d in DIRECTIONS:
@@ -375,7 +375,7 @@ def report_section(
     run: Path, rows: list[dict[str, Any]], summary: dict[str, Any]
 ) -> tuple[str, str] | None:
     """(title, html) of this experiment's report section, or None when the run has no such files."""
-    from sftlens.report.html import esc, fmt, image
+    from sftlens.reporting.html import esc, fmt, image
 
     path = run / "swap.csv"
     if not path.is_file():

@@ -8,7 +8,7 @@ from typing import Any
 
 from sftlens.errors import SftlensError
 from sftlens.io import read_json, read_metrics_csv
-from sftlens.report.html import esc, image, kv_table, layer_table, render, whole_model_table
+from sftlens.reporting.html import esc, image, kv_table, layer_table, render, whole_model_table
 
 WEIGHT_COLUMNS = (
     "dw_q",
