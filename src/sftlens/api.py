@@ -311,6 +311,36 @@ def demo(**options: Any) -> Path:
             ),
             run,
         )
+    if cfg.eval_problems:  # zero-shot keeps it short; `sftlens eval` defaults to 5-shot
+        from sftlens.evaluation.evaluate import run_eval
+
+        for role, model in (("base", cfg.model), ("sft", str(sft_dir))):
+            run_eval(
+                EvalConfig(
+                    model=model,
+                    role=role,
+                    out=str(out),
+                    data=cfg.analyze_data,
+                    limit=cfg.eval_problems,
+                    shots=0,
+                    max_new_tokens=cfg.eval_max_new_tokens,
+                    progress=cfg.progress,
+                )
+            )
+    if cfg.probe_prompts:
+        from sftlens.experiments.probe import run_probe
+
+        run_probe(
+            ProbeConfig(
+                base=cfg.model,
+                sft=str(sft_dir),
+                out=str(out),
+                data=cfg.analyze_data,
+                max_prompts=cfg.probe_prompts,
+                progress=cfg.progress,
+            )
+        )
+    report(out)
     log.info("report: %s", out / "report.html")
     return out
 

@@ -172,6 +172,11 @@ class DemoConfig:
         "auto",
         help="analysis prompts: 'auto' (GSM8K test if found, else generated), a path, 'synthetic'",
     )
+    eval_problems: int = arg(
+        16, help="GSM8K test problems for a short zero-shot eval of both models (0 skips it)"
+    )
+    eval_max_new_tokens: int = arg(128, help="generation bound of the short eval")
+    probe_prompts: int = arg(8, help="problems for the logit-lens probe (0 skips it)")
     seed: int = arg(0, help="seed")
     progress: bool = arg(True, help="show progress bars")
 
@@ -180,6 +185,12 @@ class DemoConfig:
         _check(
             self.analyze_prompts >= 0, f"--analyze-prompts must be >= 0, got {self.analyze_prompts}"
         )
+        _check(self.eval_problems >= 0, f"--eval-problems must be >= 0, got {self.eval_problems}")
+        _check(
+            self.eval_max_new_tokens >= 1,
+            f"--eval-max-new-tokens must be >= 1, got {self.eval_max_new_tokens}",
+        )
+        _check(self.probe_prompts >= 0, f"--probe-prompts must be >= 0, got {self.probe_prompts}")
 
 
 @dataclass

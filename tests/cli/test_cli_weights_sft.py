@@ -204,6 +204,12 @@ def test_demo_end_to_end_on_tiny_model_then_report(tiny_pair, tmp_path):
         "6",
         "--analyze-data",
         "synthetic",
+        "--eval-problems",
+        "3",
+        "--eval-max-new-tokens",
+        "4",
+        "--probe-prompts",
+        "2",
         "--no-progress",
     ]
     assert main(args) == 0
@@ -211,6 +217,12 @@ def test_demo_end_to_end_on_tiny_model_then_report(tiny_pair, tmp_path):
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert {"dw_attn", "cka", "prompt_entropy", "attn_js"} <= {r["metric"] for r in rows}
+    # the short eval scored both models, and the probe read every layer of both
+    evaluated = {(r["model"], r["metric"]) for r in rows if r["layer"] == ""}
+    assert {(m, "gsm8k_strict") for m in ("base", "sft")} <= evaluated
+    assert {(m, "answer_nll") for m in ("base", "sft")} <= evaluated
+    probed = {(r["model"], int(r["layer"])) for r in rows if r["metric"] == "probe_acc"}
+    assert probed == {(m, layer) for m in ("base", "sft") for layer in range(-1, 5)}
     # the demo compares the base with ITS short SFT: the fingerprints name both folders
     config = json.loads((out / "config.json").read_text())
     assert config["fingerprints"]["sft"]["path"] == str((out / "sft_model").resolve())
