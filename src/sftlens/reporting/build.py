@@ -78,10 +78,13 @@ def build_report(run: Path) -> Path:
 
     models = config.get("models", {})
     pair = summary.get("pair", {})
-    overview = [("base", models.get("base", "?")), ("sft", models.get("sft", "?"))]
+    # a single-model run (one eval) names only the model it holds
+    overview = [(role, models[role]) for role in ("base", "sft") if role in models] or [
+        ("model", "?")
+    ]
     overview += [(k, v) for k, v in pair.items()]
     overview += [(f"version {k}", v) for k, v in config.get("versions", {}).items()]
-    sections.append(("Pair", kv_table(overview)))
+    sections.append(("Pair" if len(models) > 1 else "Model", kv_table(overview)))
 
     if any(r["metric"].startswith("dw_") for r in rows):
         w = summary.get("weights", {})

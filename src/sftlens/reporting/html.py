@@ -20,6 +20,7 @@ table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{border:1px sol
 th{background:#f5f5f5}td.l,th.l{text-align:left}.kv td{text-align:left}
 img{max-width:100%;border:1px solid #eee;margin:.4em 0}.note{color:#555;font-size:.92em}
 code{background:#f3f3f3;padding:0 3px}
+pre{white-space:pre-wrap;overflow-wrap:anywhere;background:#fafafa;padding:.4em}p{overflow-wrap:anywhere}
 """
 
 
