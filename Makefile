@@ -1,5 +1,5 @@
 # The two commands of the README. Both create or reuse ./.venv (scripts/setup.sh).
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean mutate
 
 setup:
 	@bash scripts/setup.sh dev
@@ -17,6 +17,14 @@ lint: setup
 
 bench: setup
 	.venv/bin/python benchmarks/bench_weights.py
+
+# Mutation testing of the core modules ([tool.mutmut] in pyproject.toml), kept out of CI:
+# about 30 min on 2 idle cores. A rerun resumes from ./mutants (rm -rf mutants to start over);
+# one torch thread per mutant worker, else the workers oversubscribe the cores.
+mutate:
+	@bash scripts/setup.sh dev,mutate
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/mutmut run
+	.venv/bin/python scripts/mutation_score.py
 
 clean:
 	rm -rf .venv runs .pytest_cache .mypy_cache .ruff_cache

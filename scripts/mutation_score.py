@@ -1,0 +1,221 @@
+"""Print the score of the last `mutmut run` per module, then the mutants that need attention.
+
+Reads mutmut 3's result files under ./mutants (one `<source>.py.meta` JSON per mutated file,
+mapping each mutant to the exit code of its test run) for the files `[tool.mutmut]` in
+pyproject.toml selects, so it agrees with `mutmut results`. Run it from anywhere:
+
+    python scripts/mutation_score.py                 # table, survivors, untested functions
+    python scripts/mutation_score.py --markdown      # the same as Markdown (mutation/baseline.md)
+
+score = (killed + timeout) / total. A timeout counts as caught: the mutant made a test hang.
+Survivors named in mutation/equivalent.md (`- <mutant name>: <reason>`) are listed apart as
+judged equivalent; an entry whose mutant no longer survives, or no longer exists, is reported
+as stale so that its reason gets checked again. `mutmut show <mutant name>` prints a full diff.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import re
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EQUIVALENT = ROOT / "mutation" / "equivalent.md"
+CAUGHT = ("killed", "timeout")
+COLUMNS = ("killed", "timeout", "survived", "no tests", "other")
+_ENTRY = re.compile(r"^\s*[-*]\s+`?([\w.ǁ]+__mutmut_\d+)`?\s*:\s*(.+?)\s*$")
+
+
+@dataclass
+class Mutant:
+    name: str  # sftlens.metrics.geometry.x_linear_cka__mutmut_12
+    module: str  # sftlens.metrics.geometry
+    path: str  # src/sftlens/metrics/geometry.py
+    status: str
+    line: int = 0  # first changed source line, when a diff was read
+    old: str = ""
+    new: str = ""
+    kind: str = ""
+
+    @property
+    def function(self) -> str:
+        mangled = self.name.partition("__mutmut_")[0].rpartition(".")[2]
+        return mangled[2:] if mangled.startswith("x_") else mangled[1:].replace("ǁ", ".")
+
+    @property
+    def number(self) -> str:
+        return self.name.rpartition("__mutmut_")[2]
+
+
+def load(with_diffs: bool) -> list[Mutant]:
+    """Every mutant of the selected files, with its status (and first diff line if asked)."""
+    from mutmut.configuration import config
+    from mutmut.stats import status_by_exit_code
+    from mutmut.utils.file_utils import walk_mutatable_files
+
+    config()  # read [tool.mutmut] from ./pyproject.toml
+    mutants: list[Mutant] = []
+    for path in walk_mutatable_files():
+        meta = Path("mutants") / f"{path}.meta"
+        if not meta.is_file():
+            continue
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        for name, code in codes.items():
+            module = name.partition("__mutmut_")[0].rpartition(".")[0]
+            mutants.append(Mutant(name, module, str(path), status_by_exit_code[code]))
+    if with_diffs:
+        _add_diffs([m for m in mutants if m.status == "survived"])
+    return mutants
+
+
+def _function_starts(path: str) -> dict[str, int]:
+    """First source line (decorators included) of each function and method, by mangled name."""
+    starts: dict[str, int] = {}
+    tree = ast.parse(Path(path).read_text())
+
+    def visit(body: list[ast.stmt], cls: str) -> None:
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                key = f"xǁ{cls}ǁ{node.name}" if cls else f"x_{node.name}"
+                starts[key] = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            elif isinstance(node, ast.ClassDef):
+                visit(node.body, f"{cls}.{node.name}" if cls else node.name)
+
+    visit(tree.body, "")
+    return starts
+
+
+def _add_diffs(mutants: list[Mutant]) -> None:
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+    starts: dict[str, dict[str, int]] = {}
+    for m in mutants:
+        if m.path not in starts:
+            starts[m.path] = _function_starts(m.path)
+        diff = get_diff_for_mutant(m.name, path=m.path).splitlines()
+        hunk = next((d for d in diff if d.startswith("@@")), "")
+        match = re.match(r"@@ -(\d+)", hunk)
+        first = int(match.group(1)) if match else 1
+        body = diff[diff.index(hunk) + 1 :] if hunk else []
+        offset = next((i for i, d in enumerate(body) if d[:1] in "-+"), 0)
+        removed = [d[1:].strip() for d in body if d.startswith("-")]
+        added = [d[1:].strip() for d in body if d.startswith("+")]
+        start = starts[m.path].get(m.name.partition("__mutmut_")[0].rpartition(".")[2], 1)
+        m.line = start + first - 1 + offset
+        m.old, m.new = " / ".join(removed), " / ".join(added)
+        m.kind = _kind(m.old, m.new)
+
+
+def _kind(old: str, new: str) -> str:
+    """A rough class of the change, for grouping survivors (not a judgement)."""
+    if ("XX" in new and "XX" not in old) or (old != new and old.lower() == new.lower()):
+        return "string"
+    if re.sub(r"\d+(\.\d+)?", "0", old) == re.sub(r"\d+(\.\d+)?", "0", new):
+        return "number"
+    if new.count("None") > old.count("None"):
+        return "None"
+    if new.count(",") < old.count(",") or ", )" in new or "(, " in new:
+        return "argument removed"
+    return "operator/name/keyword"
+
+
+def read_equivalent(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    reasons: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        match = _ENTRY.match(line)
+        if match:
+            reasons[match.group(1)] = match.group(2)
+    return reasons
+
+
+def table(mutants: list[Mutant]) -> list[tuple[str, Counter[str]]]:
+    by_module: dict[str, Counter[str]] = defaultdict(Counter)
+    for m in mutants:
+        column = m.status if m.status in COLUMNS else "other"
+        by_module[m.module][column] += 1
+        by_module[m.module]["total"] += 1
+    rows = sorted(by_module.items())
+    total: Counter[str] = Counter()
+    for _, c in rows:
+        total.update(c)
+    return [*rows, ("TOTAL", total)]
+
+
+def score(c: Counter[str]) -> str:
+    caught = sum(c[k] for k in CAUGHT)
+    return f"{caught}/{c['total']} = {100 * caught / c['total']:.1f}%" if c["total"] else "-"
+
+
+def report(mutants: list[Mutant], reasons: dict[str, str], markdown: bool) -> str:
+    out: list[str] = []
+    head = ("module", *COLUMNS, "total", "score")
+    rows = [(mod, *(str(c[k]) for k in (*COLUMNS, "total")), score(c)) for mod, c in table(mutants)]
+    if markdown:
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(r) + " |" for r in rows]
+    else:
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        for r in [head, *rows]:
+            out.append(
+                "  ".join(
+                    v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))
+                )
+            )
+
+    survivors = [m for m in mutants if m.status == "survived"]
+    todo = [m for m in survivors if m.name not in reasons]
+    equivalent = [m for m in survivors if m.name in reasons]
+    status = {m.name: m.status for m in mutants}
+    stale = {n: status.get(n, "no such mutant") for n in reasons if status.get(n) != "survived"}
+
+    def line(m: Mutant) -> str:
+        where = f"{m.path}:{m.line}" if m.line else m.path
+        change = f" [{m.kind}] `{m.old}` -> `{m.new}`" if m.line else ""
+        return f"- {m.function} #{m.number} ({where}){change}"
+
+    out += ["", f"Survivors to answer (a test, or a reason in mutation/equivalent.md): {len(todo)}"]
+    for module in sorted({m.module for m in todo}):
+        out += ["", f"{module}:" if not markdown else f"### {module}"]
+        out += [line(m) for m in sorted(todo, key=lambda m: (m.line, int(m.number)))]
+    out += ["", f"Survivors judged equivalent (mutation/equivalent.md): {len(equivalent)}"]
+    out += [f"{line(m)}: {reasons[m.name]}" for m in equivalent]
+    if stale:
+        out += ["", "Stale entries in mutation/equivalent.md (recheck them):"]
+        out += [f"- {n}: now {s}" for n, s in sorted(stale.items())]
+    untested: Counter[str] = Counter(
+        f"{m.module}.{m.function}" for m in mutants if m.status == "no tests"
+    )
+    if untested:
+        out += ["", "Functions that no selected test reaches (mutants):"]
+        out += [f"- {f} ({n})" for f, n in sorted(untested.items())]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--markdown", action="store_true", help="print Markdown")
+    parser.add_argument("--no-diff", action="store_true", help="skip the changed line per survivor")
+    parser.add_argument("--equivalent", type=Path, default=EQUIVALENT, help="survivor reasons")
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)
+    if not Path("mutants").is_dir():
+        print("no ./mutants folder: run `make mutate` first", file=sys.stderr)
+        return 2
+    mutants = load(with_diffs=not args.no_diff)
+    if not mutants:
+        print("no mutmut results under ./mutants: run `make mutate` first", file=sys.stderr)
+        return 2
+    print(report(mutants, read_equivalent(args.equivalent), args.markdown))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
