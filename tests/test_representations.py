@@ -258,11 +258,11 @@ def test_analyze_cli_end_to_end_and_resume(tiny_pair, tmp_path, monkeypatch):
 
     monkeypatch.setattr(representations.RepresentationPass, "update", flaky)
     assert main(args) == 130
-    assert (out / ".analyze_state.json").is_file()
+    assert (out / ".analyze_state.safetensors").is_file()
     calls["n"] = -1000
     assert main(args) == 0
     assert calls["n"] == -1000 + 2  # only batches 9 and 10 ran again
-    assert not (out / ".analyze_state.json").exists()
+    assert not (out / ".analyze_state.safetensors").exists()
     resumed = (out / "metrics.csv").read_text()
 
     fresh = tmp_path / "fresh"

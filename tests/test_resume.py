@@ -176,6 +176,14 @@ def test_weights_resume_and_recompute_on_changed_checkpoint_bytes(
 # -- analyze --------------------------------------------------------------------------------------
 
 
+def state_meta(out: Path) -> dict[str, str]:
+    """The inputs key and next batch stored inside the analyze checkpoint file."""
+    meta = api._read_state_meta(out / ".analyze_state.safetensors")
+    assert meta is not None
+    assert not (out / ".analyze_state.json").exists()  # one file: one rename per checkpoint
+    return meta
+
+
 def _analyze(base, sft, out, data, **kw):
     opts = dict(
         out=str(out),
@@ -267,12 +275,12 @@ def test_stale_analysis_state_from_other_inputs_is_discarded(
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         _analyze(base, sft, out, data, alpha=1.0, **kw)
-    assert json.loads((out / ".analyze_state.json").read_text())["next_batch"] == 8
+    assert state_meta(out)["next_batch"] == "8"
 
     calls["n"] = -100
     _analyze(base, sft, out, data, alpha=2.0, **kw)
     assert calls["n"] == -100 + 10  # every batch ran again: nothing was resumed
-    assert not (out / ".analyze_state.json").exists()
+    assert not (out / ".analyze_state.safetensors").exists()
     got, want = _table(out), _table(fresh)
     assert got.keys() == want.keys()
     for k in want:

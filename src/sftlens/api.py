@@ -163,18 +163,25 @@ def run_analyze(cfg: AnalyzeConfig, run: RunFolder | None = None) -> Path:
             pooling=cfg.pooling,
             attention=cfg.attention,
         )
-        state_file, meta_file = run.path / f"{_STATE}.safetensors", run.path / f"{_STATE}.json"
+        # one file holds the accumulators AND the inputs key and next batch (safetensors
+        # metadata): one rename makes a checkpoint, so a crash can never pair a newer state
+        # with an older batch index (which would count batches twice)
+        state_file = run.path / f"{_STATE}.safetensors"
         start = 0
-        if world == 1 and meta_file.is_file() and read_json(meta_file).get("key") == key:
+        saved = _read_state_meta(state_file) if world == 1 else None
+        if saved is not None and saved.get("key") == key:
             acc.load_state_dict(load_file(str(state_file)))
-            start = int(read_json(meta_file)["next_batch"])
+            start = int(saved["next_batch"])
 
         def checkpoint(i: int, state: RepresentationPass) -> None:
             if world == 1 and (i + 1) % 8 == 0:  # every 8 batches: a crash loses little
                 tmp = state_file.with_suffix(".tmp")
-                save_file({k: v.contiguous() for k, v in state.state_dict().items()}, str(tmp))
+                save_file(
+                    {k: v.contiguous() for k, v in state.state_dict().items()},
+                    str(tmp),
+                    metadata={"key": key, "next_batch": str(i + 1)},
+                )
                 tmp.replace(state_file)
-                atomic_write_json(meta_file, {"key": key, "next_batch": i + 1})
 
         with torch.inference_mode():
             run_pass(
@@ -203,7 +210,6 @@ def run_analyze(cfg: AnalyzeConfig, run: RunFolder | None = None) -> Path:
                 {"pair": dataclasses.asdict(info), "analyze": _analyze_summary(rows, len(texts))}
             )
         state_file.unlink(missing_ok=True)
-        meta_file.unlink(missing_ok=True)
         return rows
 
     rows = run.step("analyze", inputs, compute, write=is_main())
@@ -214,6 +220,19 @@ def run_analyze(cfg: AnalyzeConfig, run: RunFolder | None = None) -> Path:
                 plot_heads(list(csv.DictReader(f)), run.path / "plots" / "attention_heads_js.png")
         report(run.path)
     return run.path
+
+
+def _read_state_meta(path: Path) -> dict[str, str] | None:
+    """The ``key`` and ``next_batch`` stored with an analyze checkpoint, or None."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # a torn or foreign file: start over rather than resume from it
+        return None
 
 
 def _heads(config: Any) -> int:
