@@ -113,7 +113,7 @@ def run_analyze(cfg: AnalyzeConfig, run: RunFolder | None = None) -> Path:
     from sftlens.data import resolve_dataset
     from sftlens.data.prompts import format_question, format_target
     from sftlens.distributed import init_from_env, is_main
-    from sftlens.io import atomic_write_json, config_hash, read_json, write_rows_csv
+    from sftlens.io import config_hash, write_rows_csv
     from sftlens.models.checkpoint import CheckpointReader
     from sftlens.models.pair import check_pair
     from sftlens.reporting.plots import plot_heads, plot_representations
