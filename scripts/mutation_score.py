@@ -8,6 +8,7 @@ pyproject.toml selects, so it agrees with `mutmut results`. Run it from anywhere
     python scripts/mutation_score.py --markdown      # the same as Markdown (mutation/baseline.md)
 
 score = (killed + timeout) / total. A timeout counts as caught: the mutant made a test hang.
+"equivalent" counts the survivors that mutation/equivalent.md answers (they stay in "survived").
 Survivors named in mutation/equivalent.md (`- <mutant name>: <reason>`) are listed apart as
 judged equivalent; an entry whose mutant no longer survives, or no longer exists, is reported
 as stale so that its reason gets checked again. `mutmut show <mutant name>` prints a full diff.
@@ -21,6 +22,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 EQUIVALENT = ROOT / "mutation" / "equivalent.md"
 CAUGHT = ("killed", "timeout")
-COLUMNS = ("killed", "timeout", "survived", "no tests", "other")
+COLUMNS = ("killed", "timeout", "survived", "equivalent", "no tests", "other")
 _ENTRY = re.compile(r"^\s*[-*]\s+`?([\w.ǁ]+__mutmut_\d+)`?\s*:\s*(.+?)\s*$")
 
 
@@ -46,7 +48,7 @@ class Mutant:
     @property
     def function(self) -> str:
         mangled = self.name.partition("__mutmut_")[0].rpartition(".")[2]
-        return mangled[2:] if mangled.startswith("x_") else mangled[1:].replace("ǁ", ".")
+        return mangled[2:] if mangled.startswith("x_") else mangled[2:].replace("ǁ", ".")
 
     @property
     def number(self) -> str:
@@ -65,13 +67,25 @@ def load(with_diffs: bool) -> list[Mutant]:
         meta = Path("mutants") / f"{path}.meta"
         if not meta.is_file():
             continue
-        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        codes = _read_json(meta)["exit_code_by_key"]
         for name, code in codes.items():
             module = name.partition("__mutmut_")[0].rpartition(".")[0]
             mutants.append(Mutant(name, module, str(path), status_by_exit_code[code]))
     if with_diffs:
         _add_diffs([m for m in mutants if m.status == "survived"])
     return mutants
+
+
+def _read_json(path: Path) -> dict:
+    """mutmut rewrites a .meta file in place after each mutant: retry a torn read."""
+    for attempt in range(10):
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            if attempt == 9:
+                raise
+            time.sleep(0.2)
+    raise AssertionError("unreachable")
 
 
 def _function_starts(path: str) -> dict[str, int]:
@@ -136,11 +150,13 @@ def read_equivalent(path: Path) -> dict[str, str]:
     return reasons
 
 
-def table(mutants: list[Mutant]) -> list[tuple[str, Counter[str]]]:
+def table(mutants: list[Mutant], reasons: dict[str, str]) -> list[tuple[str, Counter[str]]]:
+    """Counts per module; "equivalent" counts the survivors with a reason (also in "survived")."""
     by_module: dict[str, Counter[str]] = defaultdict(Counter)
     for m in mutants:
         column = m.status if m.status in COLUMNS else "other"
         by_module[m.module][column] += 1
+        by_module[m.module]["equivalent"] += m.status == "survived" and m.name in reasons
         by_module[m.module]["total"] += 1
     rows = sorted(by_module.items())
     total: Counter[str] = Counter()
@@ -157,7 +173,10 @@ def score(c: Counter[str]) -> str:
 def report(mutants: list[Mutant], reasons: dict[str, str], markdown: bool) -> str:
     out: list[str] = []
     head = ("module", *COLUMNS, "total", "score")
-    rows = [(mod, *(str(c[k]) for k in (*COLUMNS, "total")), score(c)) for mod, c in table(mutants)]
+    rows = [
+        (mod, *(str(c[k]) for k in (*COLUMNS, "total")), score(c))
+        for mod, c in table(mutants, reasons)
+    ]
     if markdown:
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -184,7 +203,8 @@ def report(mutants: list[Mutant], reasons: dict[str, str], markdown: bool) -> st
     out += ["", f"Survivors to answer (a test, or a reason in mutation/equivalent.md): {len(todo)}"]
     for module in sorted({m.module for m in todo}):
         out += ["", f"{module}:" if not markdown else f"### {module}"]
-        out += [line(m) for m in sorted(todo, key=lambda m: (m.line, int(m.number)))]
+        here = [m for m in todo if m.module == module]
+        out += [line(m) for m in sorted(here, key=lambda m: (m.line, m.function, int(m.number)))]
     out += ["", f"Survivors judged equivalent (mutation/equivalent.md): {len(equivalent)}"]
     out += [f"{line(m)}: {reasons[m.name]}" for m in equivalent]
     if stale:
