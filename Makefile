@@ -30,4 +30,4 @@ mutate:
 	.venv/bin/python scripts/mutation_score.py
 
 clean:
-	rm -rf .venv runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .venv runs mutants .pytest_cache .mypy_cache .ruff_cache
