@@ -245,6 +245,35 @@ class AnalyzeConfig:
 # -- experiments and evaluation -----------------------------------------------------------------
 # Each class below belongs to one command; its module (named in the docstring) does the work.
 
+# The GSM8K generation task's options, one definition (flag, default, help, check) shared by
+# ``eval`` and the ``--gsm8k`` scores of ``swap`` / ``interpolate``.
+
+
+def shots_arg() -> Any:
+    return arg(5, help="solved exemplars before each question (0: zero-shot)")
+
+
+def chat_arg() -> Any:
+    return arg(False, help="wrap the prompt in the tokenizer's chat template")
+
+
+def max_new_tokens_arg() -> Any:
+    return arg(256, help="generation stops after this many new tokens")
+
+
+def fewshot_data_arg() -> Any:
+    return arg(
+        None,
+        help="where the exemplars come from (the first --shots problems of its train split; "
+        "default: --data, which must then not be a single file)",
+    )
+
+
+def check_generation(cfg: Any) -> None:
+    """The checks of the shared generation options (``shots``, ``max_new_tokens``)."""
+    _check(cfg.shots >= 0, f"--shots must be >= 0, got {cfg.shots}")
+    _check(cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {cfg.max_new_tokens}")
+
 
 @dataclass
 class EvalConfig:
@@ -265,16 +294,12 @@ class EvalConfig:
     out: str = arg("runs/eval", help="run folder")
     data: str = arg("auto", help="jsonl file, folder, 'gsm8k', 'synthetic' or 'auto'")
     split: str = arg("test", help="split to score")
-    fewshot_data: str | None = arg(
-        None,
-        help="where the exemplars come from (the first --shots problems of its train split; "
-        "default: --data, which must then not be a single file)",
-    )
+    fewshot_data: str | None = fewshot_data_arg()
     limit: int | None = arg(200, help="score the first N problems of the split (0: all)")
-    shots: int = arg(5, help="solved exemplars before each question (0: zero-shot)")
-    chat: bool = arg(False, help="wrap the prompt in the tokenizer's chat template")
+    shots: int = shots_arg()
+    chat: bool = chat_arg()
     batch_size: int = arg(16, help="sequences generated together")
-    max_new_tokens: int = arg(256, help="generation stops after this many new tokens")
+    max_new_tokens: int = max_new_tokens_arg()
     prefix_cache: bool = arg(
         True, help="run the shared k-shot prefix once and reuse its KV cache (same results)"
     )
@@ -288,11 +313,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check(self.limit is None or self.limit >= 0, f"--limit must be >= 0, got {self.limit}")
-        _check(self.shots >= 0, f"--shots must be >= 0, got {self.shots}")
+        check_generation(self)
         _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        _check(
-            self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"
-        )
         _check(self.role in ("base", "sft"), f"--role must be 'base' or 'sft', got '{self.role}'")
         _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got '{self.dtype}'")
 
@@ -375,6 +397,16 @@ class SwapConfig:
     limit: int = arg(64, help="problems for the teacher-forced scores (first N of the split)")
     batch_size: int = arg(8, help="sequences per forward pass")
     max_length: int = arg(512, help="tokens per question + answer (longer ones are truncated)")
+    gsm8k: int = arg(
+        0,
+        help="also score every model by greedy GSM8K generation (strict and flexible accuracy, "
+        "as 'sftlens eval') on the first N problems of --split (0: off; one generation pass "
+        "per model, batched by --batch-size)",
+    )
+    shots: int = shots_arg()
+    chat: bool = chat_arg()
+    max_new_tokens: int = max_new_tokens_arg()
+    fewshot_data: str | None = fewshot_data_arg()
     dtype: str = arg("float32", help="model dtype")
     device: str = arg("auto", help="'auto', 'cpu' or 'cuda'")
     allow_pickle: bool = arg(False, help="allow reading pickle (*.bin) checkpoints you trust")
@@ -392,6 +424,8 @@ class SwapConfig:
         _check(self.limit >= 1, f"--limit must be >= 1, got {self.limit}")
         _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         _check(self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
+        _check(self.gsm8k >= 0, f"--gsm8k must be >= 0, got {self.gsm8k}")
+        check_generation(self)
         _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got '{self.dtype}'")
 
 
@@ -418,6 +452,16 @@ class InterpolateConfig:
     limit: int = arg(64, help="problems for the teacher-forced scores (first N of the split)")
     batch_size: int = arg(8, help="sequences per forward pass")
     max_length: int = arg(512, help="tokens per question + answer (longer ones are truncated)")
+    gsm8k: int = arg(
+        0,
+        help="also score every model by greedy GSM8K generation (strict and flexible accuracy, "
+        "as 'sftlens eval') on the first N problems of --split (0: off; one generation pass "
+        "per model, batched by --batch-size)",
+    )
+    shots: int = shots_arg()
+    chat: bool = chat_arg()
+    max_new_tokens: int = max_new_tokens_arg()
+    fewshot_data: str | None = fewshot_data_arg()
     dtype: str = arg("float32", help="model dtype")
     device: str = arg("auto", help="'auto', 'cpu' or 'cuda'")
     allow_pickle: bool = arg(False, help="allow reading pickle (*.bin) checkpoints you trust")
@@ -436,4 +480,6 @@ class InterpolateConfig:
         _check(self.limit >= 1, f"--limit must be >= 1, got {self.limit}")
         _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         _check(self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
+        _check(self.gsm8k >= 0, f"--gsm8k must be >= 0, got {self.gsm8k}")
+        check_generation(self)
         _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got '{self.dtype}'")

@@ -83,6 +83,9 @@ CASES: list[tuple[type, dict, str]] = [
     (SwapConfig, {"batch_size": 0}, "--batch-size must be >= 1, got 0"),
     (SwapConfig, {"max_length": 1}, "--max-length must be >= 2, got 1"),
     (SwapConfig, {"dtype": "fp8"}, f"--dtype must be one of {DT}, got 'fp8'"),
+    (SwapConfig, {"gsm8k": -1}, "--gsm8k must be >= 0, got -1"),
+    (SwapConfig, {"shots": -2}, "--shots must be >= 0, got -2"),
+    (SwapConfig, {"max_new_tokens": 0}, "--max-new-tokens must be >= 1, got 0"),
     (InterpolateConfig, {"blocks": -1}, "--blocks must be >= 0, got -1"),
     (
         InterpolateConfig,
@@ -93,6 +96,9 @@ CASES: list[tuple[type, dict, str]] = [
     (InterpolateConfig, {"batch_size": 0}, "--batch-size must be >= 1, got 0"),
     (InterpolateConfig, {"max_length": 1}, "--max-length must be >= 2, got 1"),
     (InterpolateConfig, {"dtype": "fp8"}, f"--dtype must be one of {DT}, got 'fp8'"),
+    (InterpolateConfig, {"gsm8k": -1}, "--gsm8k must be >= 0, got -1"),
+    (InterpolateConfig, {"shots": -2}, "--shots must be >= 0, got -2"),
+    (InterpolateConfig, {"max_new_tokens": 0}, "--max-new-tokens must be >= 1, got 0"),
 ]
 COMMAND_OF = {cls: name for name, (cls, _, _) in COMMANDS.items() if cls is not None}
 

@@ -182,7 +182,6 @@ def test_interrupted_eval_resumes_to_the_same_files(clean_run, eval_setup, tmp_p
     for name in ("predictions_base.jsonl", "metrics.csv"):
         assert (run / name).read_bytes() == (clean_run / name).read_bytes(), name
     assert summary(run) == summary(clean_run)
-    assert not (run / ".predictions_base.json").exists()
 
     # a finished run is not evaluated again; a changed task is
     calls.clear()
@@ -191,6 +190,55 @@ def test_interrupted_eval_resumes_to_the_same_files(clean_run, eval_setup, tmp_p
     assert main(args(model, data, run, "--max-new-tokens", "4")) == 0
     assert len(calls) == 3
     assert max(p["new_tokens"] for p in predictions(run)) <= 4
+
+
+def test_changed_limit_generates_only_the_missing_problems(
+    clean_run, eval_setup, tmp_path, monkeypatch
+):
+    """Records are reused per problem: a larger --limit generates only the new problems, a
+    smaller one reuses its subset, a changed problem alone is generated again."""
+    model, data = eval_setup
+    run = tmp_path / "run"
+    assert main(args(model, data, run, "--limit", "3")) == 0
+    small = predictions(run)
+    real, stored, seen = gen_mod.generate, set(), []
+
+    def only_new(m, items, *a, **kw):
+        asked = [i for i, _ in items]
+        assert not stored & set(asked), f"stored problems {stored & set(asked)} generated again"
+        seen.extend(asked)
+        return real(m, items, *a, **kw)
+
+    monkeypatch.setattr(gen_mod, "generate", only_new)
+    stored = {0, 1, 2}
+    assert main(args(model, data, run)) == 0  # --limit 7
+    assert sorted(seen) == [3, 4, 5, 6]
+    grown, clean = predictions(run), predictions(clean_run)
+    assert grown[:3] == small
+    assert [p["id"] for p in grown] == list(range(7))
+    for a, b in zip(grown, clean):  # the same as an uninterrupted run of 7
+        assert a["completion"] == b["completion"] and a["flexible"] == b["flexible"]
+        assert a["answer_nll"] == pytest.approx(b["answer_nll"], rel=1e-5)
+    assert summary(run)["gsm8k_flexible"] == summary(clean_run)["gsm8k_flexible"]
+
+    stored, seen[:] = set(range(7)), []
+    assert main(args(model, data, run, "--limit", "2")) == 0  # a subset: nothing to generate
+    assert seen == [] and predictions(run) == grown[:2]
+    assert summary(run)["problems"] == 2
+    assert {r["metric"]: float(r["value"]) for r in metrics(run)}["gsm8k_flexible"] == (
+        pytest.approx(sum(p["flexible_correct"] for p in grown[:2]) / 2)
+    )
+
+    # another problem at index 1 (same limit): only that one is generated again
+    other = tmp_path / "data"
+    shutil.copytree(data, other)
+    tests = [json.loads(x) for x in (other / "test.jsonl").read_text().splitlines()]
+    tests[1] = problem(9, 9)
+    write_jsonl(other / "test.jsonl", tests)
+    stored = {0}
+    assert main(args(model, other, run, "--limit", "2")) == 0
+    assert seen == [1]
+    assert predictions(run)[0] == grown[0] and predictions(run)[1]["question"] == tests[1]["question"]
 
 
 def save_adapter(model_dir: Path, out: Path, zero_b: bool) -> Path:

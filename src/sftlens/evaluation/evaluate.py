@@ -11,8 +11,11 @@ The flow, top to bottom:
    prefix KV cache, finished rows leave the batch), score each completion with both answer
    filters and, on the same prompts, the gold solution teacher-forced
    (:func:`~sftlens.evaluation.teacher_forced.answer_scores`).
-4. Append each finished batch to ``predictions_{role}.jsonl`` (flushed and fsynced). A rerun
-   with the same hash skips the problems already there, so an interrupted run resumes; at the
+4. Append each finished batch to ``predictions_{role}.jsonl`` (flushed and fsynced). Each
+   record is reusable per problem: ``.predictions_{role}.json`` keeps the hash of everything
+   but the problem set (model, task, exemplars, options) and one hash per problem, so a rerun
+   skips the problems already there whose hash is unchanged: an interrupted run resumes, a
+   larger ``--limit`` generates only the new problems, a smaller one reuses its subset. At the
    end the file is rewritten in problem order, identical to an uninterrupted run's.
 5. Write ``metrics.csv`` rows (model column ``role``: ``base`` by default), counts and 95%
    intervals in ``summary.json`` under ``eval.{role}``, and the report section.
@@ -31,7 +34,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from sftlens.config import EvalConfig
+from sftlens.config import EvalConfig, InterpolateConfig, SwapConfig
 from sftlens.data.gsm8k import Example
 from sftlens.errors import SftlensError
 from sftlens.evaluation.scoring import Accuracy, answers_match
@@ -48,7 +51,8 @@ _HASHED = ("dtype", "teacher_forced")  # config fields that enter the step hash 
 # -- inputs ---------------------------------------------------------------------------------
 
 
-def task_from_config(cfg: EvalConfig) -> GSM8KTask:
+def task_from_config(cfg: EvalConfig | SwapConfig | InterpolateConfig) -> GSM8KTask:
+    """The task a config's shared generation options (``shots``, ``chat``, ...) describe."""
     return GSM8KTask(
         shots=cfg.shots,
         prompt_format="chat" if cfg.chat else "qa",
@@ -56,14 +60,17 @@ def task_from_config(cfg: EvalConfig) -> GSM8KTask:
     )
 
 
-def load_exemplars(cfg: EvalConfig, task: GSM8KTask) -> list[Example]:
-    """The first ``task.shots`` problems of the few-shot source's train split, in file order."""
+def load_exemplars(data: str, fewshot_data: str | None, task: GSM8KTask) -> list[Example]:
+    """The first ``task.shots`` problems of the few-shot source's train split, in file order.
+
+    The source is ``fewshot_data``, or ``data`` when that is None.
+    """
     from sftlens.data import resolve_dataset
 
     if task.shots == 0:
         return []
-    spec = cfg.fewshot_data if cfg.fewshot_data is not None else cfg.data
-    if cfg.fewshot_data is None and Path(spec).expanduser().is_file():
+    spec = fewshot_data if fewshot_data is not None else data
+    if fewshot_data is None and Path(spec).expanduser().is_file():
         raise SftlensError(
             f"--data {spec} is a single file, so it has no {task.fewshot_split} split for the "
             "exemplars; pass --fewshot-data (a train .jsonl or a folder holding "
@@ -154,6 +161,101 @@ def _context_length(config: Any) -> int | None:
     cfg = getattr(config, "get_text_config", lambda: config)()
     n = getattr(cfg, "max_position_embeddings", None)
     return int(n) if isinstance(n, int) and n > 0 else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Problems:
+    """The scored problems of one GSM8K evaluation, with their prompts as the model reads them.
+
+    ``prompts[i]`` / ``ids[i]`` are the prompt text and token ids of ``examples[i]``.
+    """
+
+    task: GSM8KTask
+    examples: list[Example]
+    exemplars: list[Example]
+    prompts: list[str]
+    ids: list[list[int]]
+    stop_strings: tuple[str, ...]
+    stop_ids: frozenset[int]
+
+    def shared_inputs(self) -> Record:
+        """What decides every problem's record other than the problem itself."""
+        return {
+            "task": self.task.to_dict(),
+            "exemplars": config_hash([dataclasses.asdict(e) for e in self.exemplars]),
+            "stops": {"strings": list(self.stop_strings), "ids": sorted(self.stop_ids)},
+        }
+
+    def inputs(self) -> Record:
+        """:meth:`shared_inputs` plus the whole problem set (what a finished step hashes)."""
+        return {
+            "task": self.task.to_dict(),
+            "exemplars": self.shared_inputs()["exemplars"],
+            "problems": config_hash([dataclasses.asdict(e) for e in self.examples]),
+            "prompt_ids": config_hash(self.ids),
+            "stops": self.shared_inputs()["stops"],
+        }
+
+    def problem_hashes(self) -> list[str]:
+        """Per problem: a hash of the problem and its prompt ids (a stored record is reused for
+        problem ``i`` only while its hash, and :meth:`shared_inputs`, are unchanged)."""
+        return [
+            config_hash([dataclasses.asdict(e), ids]) for e, ids in zip(self.examples, self.ids)
+        ]
+
+
+def load_problems(
+    tok: Any,
+    task: GSM8KTask,
+    *,
+    data: str,
+    split: str,
+    limit: int | None,
+    fewshot_data: str | None = None,
+) -> Problems:
+    """The first ``limit`` problems (None: all) of ``data``'s ``split``, prompted by ``task``."""
+    from sftlens.data import resolve_dataset
+
+    examples = resolve_dataset(data, split=split, limit=limit)
+    exemplars = load_exemplars(data, fewshot_data, task)
+    if split == task.fewshot_split and exemplars and fewshot_data is None:
+        log.warning("scoring the %s split, which also gives the exemplars", split)
+    prompts = [task.prompt(tok, exemplars, e.question) for e in examples]
+    stop_strings, stop_ids = task.resolved_stops(tok)
+    return Problems(
+        task=task,
+        examples=list(examples),
+        exemplars=exemplars,
+        prompts=prompts,
+        ids=[encode_prompt(tok, p) for p in prompts],
+        stop_strings=stop_strings,
+        stop_ids=stop_ids,
+    )
+
+
+def gsm8k_scores(
+    model: Any, tok: Any, problems: Problems, *, batch_size: int = 16, prefix_cache: bool = True
+) -> Record:
+    """Greedy GSM8K accuracy of a loaded model on ``problems``: :func:`summarize`'s summary
+    (``problems``, ``gsm8k_strict`` / ``gsm8k_flexible`` with count, accuracy and 95% interval,
+    ``stops``, ``new_tokens``), by the same batched engine as ``sftlens eval`` (no teacher
+    forcing, no files)."""
+    records = [
+        r
+        for batch in evaluate_batches(
+            model,
+            tok,
+            problems.task,
+            problems.examples,
+            problems.ids,
+            prompts=problems.prompts,
+            batch_size=batch_size,
+            prefix_cache=prefix_cache,
+            teacher_forced=False,
+        )
+        for r in batch
+    ]
+    return summarize(records, problems.task)[0]
 
 
 # -- the work: generation, scores, teacher forcing -----------------------------------------
@@ -338,7 +440,6 @@ def _append(path: Path, records: Sequence[Record]) -> None:
 
 def run_eval(cfg: EvalConfig) -> Path:
     """Evaluate ``cfg.model`` on GSM8K into the run folder ``cfg.out``; returns its path."""
-    from sftlens.data import resolve_dataset
     from sftlens.models.loading import resolve_model
     from sftlens.reporting.build import build_report
     from sftlens.run import RunFolder, fingerprint
@@ -346,15 +447,17 @@ def run_eval(cfg: EvalConfig) -> Path:
     model_dir = resolve_model(cfg.model, allow_pickle=cfg.allow_pickle)
     adapter_dir = check_adapter(cfg.adapter, cfg.allow_pickle)
     task = task_from_config(cfg)
-    examples = resolve_dataset(cfg.data, split=cfg.split, limit=cfg.limit or None)
-    exemplars = load_exemplars(cfg, task)
-    if cfg.split == task.fewshot_split and exemplars and cfg.fewshot_data is None:
-        log.warning("scoring the %s split, which also gives the exemplars", cfg.split)
     tok = load_tokenizer(model_dir)
-    prompts = [task.prompt(tok, exemplars, e.question) for e in examples]
-    ids = [encode_prompt(tok, p) for p in prompts]
-    stop_strings, stop_ids = task.resolved_stops(tok)
-    _check_context(model_dir, tok, task, ids, examples, cfg.teacher_forced)
+    problems = load_problems(
+        tok,
+        task,
+        data=cfg.data,
+        split=cfg.split,
+        limit=cfg.limit or None,
+        fewshot_data=cfg.fewshot_data,
+    )
+    check_context(model_dir, tok, problems, cfg.teacher_forced)
+    examples, prompts, ids = problems.examples, problems.prompts, problems.ids
 
     run = RunFolder(cfg.out)
     prints: dict[str, Any] = {"model": fingerprint(model_dir)}
@@ -364,56 +467,48 @@ def run_eval(cfg: EvalConfig) -> Path:
         models={**run.state.get("models", {}), cfg.role: cfg.model},
         **{f"eval_{cfg.role}": {**dataclasses.asdict(cfg), "fingerprints": prints}},
     )
-    inputs = {
-        "fingerprints": {k: v["files"] for k, v in prints.items()},
-        "task": task.to_dict(),
-        "exemplars": config_hash([dataclasses.asdict(e) for e in exemplars]),
-        "problems": config_hash([dataclasses.asdict(e) for e in examples]),
-        "prompt_ids": config_hash(ids),
-        "stops": {"strings": list(stop_strings), "ids": sorted(stop_ids)},
-        "config": {k: getattr(cfg, k) for k in _HASHED},
-    }
-    key = config_hash(inputs)
+    fingerprints = {k: v["files"] for k, v in prints.items()}
+    config = {k: getattr(cfg, k) for k in _HASHED}
+    inputs = {"fingerprints": fingerprints, **problems.inputs(), "config": config}
+    # a stored record is reused under the same model, task, exemplars and options when its own
+    # problem (and prompt) is unchanged, whatever the other problems are (--limit may change)
+    key = config_hash({"fingerprints": fingerprints, **problems.shared_inputs(), "config": config})
 
     def compute() -> list[Record]:
         from sftlens.models.loading import load_model
 
         t0 = time.perf_counter()
-        model, _ = load_model(model_dir, dtype=cfg.dtype, device=cfg.device)
-        if adapter_dir is not None:
-            model = load_adapter(model, adapter_dir)
         path, state = predictions_path(run.path, cfg.role), _state_path(run.path, cfg.role)
-        done: list[Record] = []
-        if state.is_file() and read_json(state).get("key") == key:
-            done = read_predictions(path)
-        else:  # no run of these inputs to resume: start a fresh file
-            atomic_write_text(path, "")
-            atomic_write_json(state, {"key": key})
+        done = reusable_predictions(path, state, key, problems.problem_hashes())
         if done:
-            log.info("resuming: %d of %d problems already in %s", len(done), len(ids), path.name)
-        bar = tqdm(
-            total=len(ids),
-            initial=len(done),
-            desc=f"eval {cfg.role}",
-            unit="problem",
-            disable=not cfg.progress,
-        )
-        with bar:
-            for records in evaluate_batches(
-                model,
-                tok,
-                task,
-                examples,
-                ids,
-                prompts=prompts,
-                skip={r["id"] for r in done},
-                batch_size=cfg.batch_size,
-                prefix_cache=cfg.prefix_cache,
-                teacher_forced=cfg.teacher_forced,
-            ):
-                _append(path, records)
-                done += records
-                bar.update(len(records))
+            log.info("reusing %d of %d problems already in %s", len(done), len(ids), path.name)
+        if len(done) < len(ids):
+            model, _ = load_model(model_dir, dtype=cfg.dtype, device=cfg.device)
+            if adapter_dir is not None:
+                model = load_adapter(model, adapter_dir)
+            bar = tqdm(
+                total=len(ids),
+                initial=len(done),
+                desc=f"eval {cfg.role}",
+                unit="problem",
+                disable=not cfg.progress,
+            )
+            with bar:
+                for records in evaluate_batches(
+                    model,
+                    tok,
+                    task,
+                    examples,
+                    ids,
+                    prompts=prompts,
+                    skip={r["id"] for r in done},
+                    batch_size=cfg.batch_size,
+                    prefix_cache=cfg.prefix_cache,
+                    teacher_forced=cfg.teacher_forced,
+                ):
+                    _append(path, records)
+                    done += records
+                    bar.update(len(records))
         done.sort(key=lambda r: r["id"])
         atomic_write_text(path, "".join(_line(r) for r in done))
         summary, rows = summarize(done, task)
@@ -428,7 +523,6 @@ def run_eval(cfg: EvalConfig) -> Path:
             "seconds": round(time.perf_counter() - t0, 3),
         }
         run.write_summary({"eval": {**run.summary().get("eval", {}), cfg.role: summary}})
-        state.unlink(missing_ok=True)
         return [{"model": cfg.role, **r} for r in rows]
 
     run.step(f"eval_{cfg.role}", inputs, compute)
@@ -436,19 +530,37 @@ def run_eval(cfg: EvalConfig) -> Path:
     return run.path
 
 
-def _check_context(
-    model_dir: Path,
-    tok: Any,
-    task: GSM8KTask,
-    ids: Sequence[Sequence[int]],
-    examples: Sequence[Example],
-    teacher_forced: bool,
-) -> None:
+def reusable_predictions(path: Path, state: Path, key: str, hashes: Sequence[str]) -> list[Record]:
+    """The records in ``path`` that hold for the problems ``hashes`` under ``key``; the files
+    are left holding exactly those, and ``state`` the new key and hashes, ready for appends.
+
+    ``state`` records the key and the per-problem hashes that the records in ``path`` were
+    computed under; record ``id`` is kept when the key is the same and problem ``id`` still has
+    the hash it had, so an interrupted run resumes and a changed ``--limit`` reuses the
+    problems both runs share (a smaller one: the subset; a larger one: all, the rest is new).
+    """
+    old = read_json(state) if state.is_file() else {}
+    done: list[Record] = []
+    if old.get("key") == key:
+        before = old.get("problems", [])
+        done = [
+            r
+            for r in read_predictions(path)
+            if r["id"] < min(len(hashes), len(before)) and before[r["id"]] == hashes[r["id"]]
+        ]
+    # first the file (its records hold under both states), then the state
+    atomic_write_text(path, "".join(_line(r) for r in done))
+    atomic_write_json(state, {"key": key, "problems": list(hashes)})
+    return done
+
+
+def check_context(model_dir: Path, tok: Any, problems: Problems, teacher_forced: bool) -> None:
     """Refuse prompts (plus new tokens, or plus gold answers) longer than the model's context."""
     from transformers import AutoConfig
 
+    task, ids, examples = problems.task, problems.ids, problems.examples
     limit = _context_length(AutoConfig.from_pretrained(model_dir))
-    if limit is None:
+    if limit is None or not ids:
         return
     longest = max(len(x) for x in ids)
     if longest + task.max_new_tokens > limit:
