@@ -238,7 +238,9 @@ def test_changed_limit_generates_only_the_missing_problems(
     stored = {0}
     assert main(args(model, other, run, "--limit", "2")) == 0
     assert seen == [1]
-    assert predictions(run)[0] == grown[0] and predictions(run)[1]["question"] == tests[1]["question"]
+    assert (
+        predictions(run)[0] == grown[0] and predictions(run)[1]["question"] == tests[1]["question"]
+    )
 
 
 def save_adapter(model_dir: Path, out: Path, zero_b: bool) -> Path:

@@ -5,13 +5,15 @@ embeddings, final norm, LM head; buffers are fixed by the config and never touch
 ``--blocks K`` / ``--spans``, the parameters of each span's blocks alone (everything else stays
 the base's). The base model is edited in place and restored bit-exactly after each point
 (:func:`sftlens.experiments.edit.interpolate_blocks`); each point is scored by the
-teacher-forced ``answer_nll`` / ``answer_token_acc``.
+teacher-forced ``answer_nll`` / ``answer_token_acc`` and, with ``--gsm8k N``, by greedy GSM8K
+accuracy (strict and flexible) on the first N problems, as ``sftlens eval`` scores it.
 
 ``a = 0`` is the unmodified base for every span, so it is scored once and shared by all the
 curves (the edit returns the base bit-exactly there).
 
 Writes ``interpolate.csv`` (span, alpha, scores), ``summary.json["interpolate"]``,
-``plots/interpolate.png`` and a report section. Resumable like swap (``.interpolate_items.json``).
+``plots/interpolate.png`` and a report section. Resumable like swap (``.interpolate_items.json``,
+``.interpolate_gsm8k_items.json``).
 """
 
 from __future__ import annotations
@@ -21,13 +23,16 @@ from typing import Any
 
 from sftlens.config import InterpolateConfig
 from sftlens.experiments.swap import (
-    ItemLog,
+    GSM8K_COLUMNS,
+    GSM8K_METRICS,
     LazyPair,
+    Scores,
+    accuracy_text,
     cell,
+    gsm8k_note,
     log,
     prepare,
     read_csv,
-    score,
     selected_spans,
     span_columns,
 )
@@ -47,6 +52,7 @@ INTERPOLATE_COLUMNS = (
     "answer_nll",
     "answer_token_acc",
     "tokens",
+    *GSM8K_COLUMNS,
 )
 
 
@@ -64,7 +70,7 @@ def run_interpolate(cfg: InterpolateConfig) -> Path:
     alphas = parse_alphas(cfg.alphas)
     targets: list[tuple[str, Span | None]] = [(ALL, None)] if cfg.all_layers else []
     targets += [(s.name, s) for s in selected_spans(cfg.blocks, cfg.spans, prep.num_layers)]
-    done = ItemLog(prep.run.path / ".interpolate_items.json", prep.key)
+    done = Scores(prep, "interpolate")
     pair = LazyPair(prep, cfg)
     wanted = list(dict.fromkeys(_item(name, a) for name, _ in targets for a in alphas))
     reused = sum(w in done for w in wanted)
@@ -83,7 +89,7 @@ def run_interpolate(cfg: InterpolateConfig) -> Path:
             base, sft, tok = pair.get()
             bar.set_postfix_str(item)
             with interpolate_blocks(base, sft, None if span is None else span.layers, a):
-                done.put(item, score(base, tok, prep, cfg))
+                done.score(item, base, tok, cfg)
             bar.update()
     bar.close()
     log.info(
@@ -134,6 +140,13 @@ def interpolate_summary(rows: list[dict[str, Any]], problems: int) -> dict[str, 
             "answer_nll_at_1": curve.get(1.0),
             "barrier_nll": barrier,
         }
+        acc = {r["alpha"]: r.get("gsm8k_flexible") for r in rows if r["span"] == span}
+        if all(v is not None for v in acc.values()):  # --gsm8k: the most accurate alpha
+            top = max(acc, key=lambda a: float(acc[a] or 0))  # the first of equals, in order
+            out["spans"][span] |= {"best_gsm8k_alpha": top, "best_gsm8k_flexible": acc[top]}
+    gsm8k = [r.get("gsm8k_problems") for r in rows]
+    if gsm8k and gsm8k[0] is not None:
+        out["gsm8k_problems"] = gsm8k[0]
     return out
 
 
@@ -156,18 +169,29 @@ def report_section(
         f"on {esc(s.get('problems'))} problems. <code>barrier</code>: how far the curve rises "
         "above the straight line between its two ends.</p>"
     )
+    generation = any(r.get("gsm8k_flexible") is not None for r in table)
+    if generation:
+        body += gsm8k_note(s.get("gsm8k_problems"))
     png = run / "plots" / "interpolate.png"
     if png.is_file():
         body += image(png, png.name)
     spans = s.get("spans", {})
     if spans:
+        extra = "<th>most accurate alpha (flexible)</th>" if generation else ""
         body += (
             "<table><tr><th class=l>span</th><th>best alpha</th><th>best NLL</th>"
-            "<th>NLL at 0</th><th>NLL at 1</th><th>barrier</th></tr>"
+            f"<th>NLL at 0</th><th>NLL at 1</th><th>barrier</th>{extra}</tr>"
             + "".join(
                 f"<tr><td class=l>{esc(name)}</td><td>{fmt(v['best_alpha'])}</td>"
                 f"<td>{fmt(v['best_answer_nll'])}</td><td>{cell(v['answer_nll_at_0'])}</td>"
-                f"<td>{cell(v['answer_nll_at_1'])}</td><td>{cell(v['barrier_nll'])}</td></tr>"
+                f"<td>{cell(v['answer_nll_at_1'])}</td><td>{cell(v['barrier_nll'])}</td>"
+                + (
+                    f"<td>{cell(v.get('best_gsm8k_alpha'))} "
+                    f"({cell(v.get('best_gsm8k_flexible'))})</td>"
+                    if generation
+                    else ""
+                )
+                + "</tr>"
                 for name, v in spans.items()
             )
             + "</table>"
@@ -176,7 +200,18 @@ def report_section(
         r["layer range"] = (
             "every parameter" if r["span"] == ALL else f"{r['first_layer']}-{r['last_layer']}"
         )
-    shown = ("span", "layer range", "mask", "alpha", "answer_nll", "answer_token_acc")
+        for m in GSM8K_METRICS:
+            r[m + " (count, 95%)"] = accuracy_text(r, m)
+    shown: tuple[str, ...] = (
+        "span",
+        "layer range",
+        "mask",
+        "alpha",
+        "answer_nll",
+        "answer_token_acc",
+    )
+    if generation:
+        shown += ("gsm8k_strict (count, 95%)", "gsm8k_flexible (count, 95%)")
     head = "".join(f"<th>{esc(c)}</th>" for c in shown)
     lines = "".join(
         "<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in shown) + "</tr>" for r in table

@@ -4,16 +4,21 @@ For each span ``[i, j)`` (each of ``--blocks K`` depth blocks, and any ``--spans
 are exchanged between the two loaded models (:func:`sftlens.experiments.edit.swap_blocks`, no
 copy, no reload), which makes both hybrids at once: ``sft_into_base`` (the base with the SFT's
 blocks ``i..j-1``) and ``base_into_sft`` (the SFT model with the base's). Each is scored by the
-teacher-forced ``answer_nll`` / ``answer_token_acc`` on ``--limit`` problems, next to the two
+teacher-forced ``answer_nll`` / ``answer_token_acc`` on ``--limit`` problems and, with
+``--gsm8k N``, by greedy GSM8K generation on the first N problems (strict and flexible accuracy,
+the task of ``sftlens eval``: :func:`sftlens.evaluation.evaluate.gsm8k_scores`), next to the two
 unmodified models (the ``reference`` rows).
 
 Writes ``swap.csv`` (one row per hybrid and reference), ``summary.json["swap"]``,
 ``plots/swap_<direction>.png`` and a report section. Each score is recorded as soon as it is
 known (``.swap_items.json``, rewritten atomically) under a hash of everything it depends on,
-so an interrupted or extended run (more spans) recomputes only what is missing.
+so an interrupted or extended run (more spans) recomputes only what is missing. Generation
+scores live in their own log (``.swap_gsm8k_items.json``) under a hash of the models, the task
+and the N problems, so changing ``--gsm8k`` (or the task) leaves the teacher-forced scores
+alone, and the reverse.
 
-The helpers below (:class:`ItemLog`, :class:`LazyPair`, :func:`prepare`, :func:`score`) are
-shared with :mod:`sftlens.experiments.interpolate`.
+The helpers below (:class:`ItemLog`, :class:`Scores`, :class:`LazyPair`, :func:`prepare`,
+:func:`score`) are shared with :mod:`sftlens.experiments.interpolate`.
 """
 
 from __future__ import annotations
@@ -25,13 +30,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sftlens.config import SwapConfig
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_json, config_hash, read_json, write_rows_csv
 from sftlens.layers import Span, depth_blocks, parse_spans
 from sftlens.run import RunFolder, fingerprint
+
+if TYPE_CHECKING:
+    from sftlens.evaluation.evaluate import Problems
 
 log = logging.getLogger("sftlens.experiments")
 
@@ -51,7 +59,19 @@ NOT_HASHED = frozenset(
         "spans",
         "alphas",
         "all_layers",
+        # generation options: they enter the hash of the generation scores only
+        "gsm8k",
+        "shots",
+        "chat",
+        "max_new_tokens",
+        "fewshot_data",
     }
+)
+GSM8K_METRICS = ("gsm8k_strict", "gsm8k_flexible")
+#: generation columns (empty without --gsm8k): accuracy, count correct, 95% Wilson interval
+GSM8K_COLUMNS = (
+    *(f"{m}{part}" for m in GSM8K_METRICS for part in ("", "_correct", "_ci_low", "_ci_high")),
+    "gsm8k_problems",
 )
 
 SWAP_COLUMNS = (
@@ -71,6 +91,9 @@ SWAP_COLUMNS = (
     "gain_recovered",
     "gain_lost",
     "tokens",
+    *GSM8K_COLUMNS,
+    "delta_gsm8k_strict",
+    "delta_gsm8k_flexible",
 )
 
 
@@ -101,9 +124,48 @@ class ItemLog:
         atomic_write_json(self.path, {"key": self.key, "items": self.items})
 
 
+class Results(Protocol):
+    """Recorded scores by item name (:class:`ItemLog`, :class:`Scores`)."""
+
+    def __getitem__(self, item: str) -> dict[str, Any]: ...
+
+
+def gsm8k_columns(summary: dict[str, Any]) -> dict[str, Any]:
+    """The ``GSM8K_COLUMNS`` of one model from :func:`~sftlens.evaluation.evaluate.summarize`'s
+    summary.
+
+    >>> s = {"problems": 4, "gsm8k_strict": {"correct": 1, "total": 4, "accuracy": 0.25,
+    ...      "ci95": [0.05, 0.7]}, "gsm8k_flexible": {"correct": 2, "total": 4,
+    ...      "accuracy": 0.5, "ci95": [0.15, 0.85]}}
+    >>> c = gsm8k_columns(s)
+    >>> c["gsm8k_strict"], c["gsm8k_flexible_correct"], c["gsm8k_flexible_ci_high"], c["gsm8k_problems"]
+    (0.25, 2, 0.85, 4)
+    """
+    out: dict[str, Any] = {"gsm8k_problems": summary["problems"]}
+    for m in GSM8K_METRICS:
+        acc = summary[m]
+        out[m] = acc["accuracy"]
+        out[f"{m}_correct"] = acc["correct"]
+        out[f"{m}_ci_low"], out[f"{m}_ci_high"] = acc["ci95"]
+    return out
+
+
+def accuracy_text(row: dict[str, Any], metric: str) -> str | None:
+    """``12/50 = 24.0% [14.3%, 37.4%]`` from a row's generation columns; None without them."""
+    from sftlens.evaluation.scoring import Accuracy
+
+    if row.get(f"{metric}_correct") is None or row.get("gsm8k_problems") is None:
+        return None
+    return str(Accuracy(int(row[f"{metric}_correct"]), int(row["gsm8k_problems"])))
+
+
 @dataclass
 class Prepared:
-    """Everything an experiment needs before any model is loaded."""
+    """Everything an experiment needs before any model is loaded.
+
+    ``problems`` / ``gen_key``: the ``--gsm8k`` problems and the hash their scores are recorded
+    under (None without ``--gsm8k``).
+    """
 
     run: RunFolder
     base_dir: Path
@@ -112,6 +174,8 @@ class Prepared:
     prompts: list[str]
     targets: list[str]
     key: str
+    problems: Problems | None = None
+    gen_key: str | None = None
 
 
 def prepare(cfg: Any, section: str) -> Prepared:
@@ -138,13 +202,68 @@ def prepare(cfg: Any, section: str) -> Prepared:
             "texts": config_hash([prompts, targets]),
         }
     )
+    problems, gen_key = None, None
+    if cfg.gsm8k:
+        from sftlens.evaluation import evaluate
+
+        tok = evaluate.load_tokenizer(base_dir)  # both models read the base tokenizer's ids
+        problems = evaluate.load_problems(
+            tok,
+            evaluate.task_from_config(cfg),
+            data=cfg.data,
+            split=cfg.split,
+            limit=cfg.gsm8k,
+            fewshot_data=cfg.fewshot_data,
+        )
+        evaluate.check_context(base_dir, tok, problems, teacher_forced=False)
+        gen_key = config_hash(
+            {
+                "fingerprints": {k: v["files"] for k, v in prints.items()},
+                "dtype": cfg.dtype,
+                **problems.inputs(),
+            }
+        )
     run.save_config(
         models={"base": cfg.base, "sft": cfg.sft},
         fingerprints=prints,
-        **{section: {**options, "items_key": key}},
+        **{section: {**options, "items_key": key, "gsm8k_key": gen_key}},
     )
     run.write_summary({"pair": dataclasses.asdict(info)})
-    return Prepared(run, base_dir, sft_dir, info.num_layers, prompts, targets, key)
+    return Prepared(
+        run, base_dir, sft_dir, info.num_layers, prompts, targets, key, problems, gen_key
+    )
+
+
+class Scores:
+    """The recorded scores of an experiment's models, each kind in its own :class:`ItemLog`:
+    teacher-forced (always, ``.{name}_items.json``) and generation (with ``--gsm8k``,
+    ``.{name}_gsm8k_items.json``); an item is done when every kind has it."""
+
+    def __init__(self, prep: Prepared, name: str) -> None:
+        self.prep = prep
+        self.tf = ItemLog(prep.run.path / f".{name}_items.json", prep.key)
+        self.gen = (
+            None
+            if prep.gen_key is None
+            else ItemLog(prep.run.path / f".{name}_gsm8k_items.json", prep.gen_key)
+        )
+
+    def __contains__(self, item: str) -> bool:
+        return item in self.tf and (self.gen is None or item in self.gen)
+
+    def __getitem__(self, item: str) -> dict[str, Any]:
+        return {**self.tf[item], **(self.gen[item] if self.gen is not None else {})}
+
+    def score(self, item: str, model: Any, tok: Any, cfg: Any) -> None:
+        """Score ``model`` (as it is now: a hybrid inside its edit) by every missing kind."""
+        if item not in self.tf:
+            self.tf.put(item, score(model, tok, self.prep, cfg))
+        if self.gen is not None and item not in self.gen:
+            from sftlens.evaluation.evaluate import gsm8k_scores
+
+            assert self.prep.problems is not None
+            summary = gsm8k_scores(model, tok, self.prep.problems, batch_size=cfg.batch_size)
+            self.gen.put(item, gsm8k_columns(summary))
 
 
 class LazyPair:
@@ -218,7 +337,10 @@ def span_columns(span: Span, num_layers: int) -> dict[str, Any]:
 
 #: columns of swap.csv / interpolate.csv that hold text (mask: a string of 0/1, not a number)
 TEXT_COLUMNS = frozenset({"direction", "host", "span", "mask"})
-INT_COLUMNS = frozenset({"layers", "first_layer", "last_layer", "tokens"})
+INT_COLUMNS = frozenset(
+    {"layers", "first_layer", "last_layer", "tokens", "gsm8k_problems"}
+    | {f"{m}_correct" for m in GSM8K_METRICS}
+)
 
 
 def read_csv(path: Path) -> list[dict[str, Any]]:
@@ -248,6 +370,18 @@ def cell(value: Any) -> str:
     return "" if value is None else fmt(value) if isinstance(value, float) else esc(value)
 
 
+def gsm8k_note(problems: Any) -> str:
+    """The report's sentence on the ``--gsm8k`` scores (task as in ``config.json``)."""
+    from sftlens.reporting.html import esc
+
+    return (
+        "<p>GSM8K accuracy: greedy generation on the first "
+        f"{esc(problems)} problems, scored as <code>sftlens eval</code> does (<b>strict</b> "
+        "reads the first <code>#### N</code>, <b>flexible</b> the last number; 95% Wilson "
+        "intervals; small N is noisy).</p>"
+    )
+
+
 def ratio(num: float, den: float) -> float | None:
     """``num / den``, or None when the denominator is 0 (no SFT gain to compare against)."""
     return num / den if den != 0 and math.isfinite(num / den) else None
@@ -266,7 +400,7 @@ def run_swap(cfg: SwapConfig) -> Path:
     spans = selected_spans(cfg.blocks, cfg.spans, prep.num_layers)
     if not spans:
         raise SftlensError("nothing to swap; pass --blocks K (K >= 1) or --spans i:j")
-    done = ItemLog(prep.run.path / ".swap_items.json", prep.key)
+    done = Scores(prep, "swap")
     pair = LazyPair(prep, cfg)
     wanted = [f"reference/{m}" for m in ("base", "sft")]
     wanted += [f"{d}/{s.name}" for s in spans for d in DIRECTIONS]
@@ -283,7 +417,7 @@ def run_swap(cfg: SwapConfig) -> Path:
         if item not in done:
             models = pair.get()
             bar.set_postfix_str(item)
-            done.put(item, score(models[i], models[2], prep, cfg))
+            done.score(item, models[i], models[2], cfg)
             bar.update()
     for span in spans:
         todo = [d for d in DIRECTIONS if f"{d}/{span.name}" not in done]
@@ -294,7 +428,7 @@ def run_swap(cfg: SwapConfig) -> Path:
             hybrids = {"sft_into_base": base, "base_into_sft": sft}
             for d in todo:
                 bar.set_postfix_str(f"{d}/{span.name}")
-                done.put(f"{d}/{span.name}", score(hybrids[d], tok, prep, cfg))
+                done.score(f"{d}/{span.name}", hybrids[d], tok, cfg)
                 bar.update()
     bar.close()
     log.info("swap: %d models scored, %d reused from an earlier run", len(wanted) - reused, reused)
@@ -304,21 +438,31 @@ def run_swap(cfg: SwapConfig) -> Path:
     prep.run.write_summary({"swap": summary})
     from sftlens.reporting.plots import plot_swap
 
-    ref = {r["host"]: r["answer_nll"] for r in rows if r["direction"] == "reference"}
+    refs = {r["host"]: r for r in rows if r["direction"] == "reference"}
     for d in DIRECTIONS:
+        mine = [r for r in rows if r["direction"] == d]
         plot_swap(
-            [r for r in rows if r["direction"] == d],
+            mine,
             prep.run.path / "plots" / f"swap_{d}.png",
             title=f"{d.replace('_', ' ')}: answer NLL of each hybrid",
-            references=ref,
+            references={m: r["answer_nll"] for m, r in refs.items()},
         )
+        if prep.problems is not None:
+            plot_swap(
+                mine,
+                prep.run.path / "plots" / f"swap_{d}_gsm8k.png",
+                title=f"{d.replace('_', ' ')}: GSM8K flexible accuracy (95% interval)",
+                references={m: r["gsm8k_flexible"] for m, r in refs.items()},
+                metric="gsm8k_flexible",
+                intervals=[(r["gsm8k_flexible_ci_low"], r["gsm8k_flexible_ci_high"]) for r in mine],
+            )
     from sftlens.api import report
 
     report(prep.run.path)
     return prep.run.path
 
 
-def swap_rows(done: ItemLog, spans: Sequence[Span], num_layers: int) -> list[dict[str, Any]]:
+def swap_rows(done: Results, spans: Sequence[Span], num_layers: int) -> list[dict[str, Any]]:
     """``swap.csv`` rows: the two references, then both directions of every span."""
     ref = {m: done[f"reference/{m}"] for m in ("base", "sft")}
     gain = ref["base"]["answer_nll"] - ref["sft"]["answer_nll"]
@@ -333,6 +477,9 @@ def swap_rows(done: ItemLog, spans: Sequence[Span], num_layers: int) -> list[dic
             row = {"direction": d, "host": HOST[d], **span_columns(span, num_layers), **r}
             row["delta_nll"] = r["answer_nll"] - host["answer_nll"]
             row["delta_acc"] = r["answer_token_acc"] - host["answer_token_acc"]
+            for m in GSM8K_METRICS:
+                if r.get(m) is not None and host.get(m) is not None:
+                    row[f"delta_{m}"] = r[m] - host[m]
             if d == "sft_into_base":  # how much of the SFT gain these SFT blocks bring along
                 row["gain_recovered"] = ratio(ref["base"]["answer_nll"] - r["answer_nll"], gain)
             else:  # how much of the SFT gain is lost without these SFT blocks
@@ -362,6 +509,21 @@ def swap_summary(rows: Sequence[dict[str, Any]], problems: int) -> dict[str, Any
     for d in DIRECTIONS:
         mine = [r for r in hybrids if r["direction"] == d]
         out[f"largest_change_{d}"] = brief(max(mine, key=lambda r: abs(r["delta_nll"])))
+    if ref["base"].get("gsm8k_problems") is not None:  # --gsm8k: the references as eval has them
+        out["gsm8k_problems"] = ref["base"]["gsm8k_problems"]
+        for model in ("base", "sft"):
+            for m in GSM8K_METRICS:
+                out[f"{model}_{m}"] = {
+                    "correct": ref[model][f"{m}_correct"],
+                    "total": ref[model]["gsm8k_problems"],
+                    "accuracy": ref[model][m],
+                    "ci95": [ref[model][f"{m}_ci_low"], ref[model][f"{m}_ci_high"]],
+                    "text": accuracy_text(ref[model], m),
+                }
+        top = max(hybrids, key=lambda r: abs(r["delta_gsm8k_flexible"]))
+        out["largest_change_gsm8k_flexible"] = {
+            k: top.get(k) for k in ("direction", "span", "mask", "gsm8k_flexible")
+        } | {"delta_gsm8k_flexible": top["delta_gsm8k_flexible"]}
     into_base = [r for r in hybrids if r["direction"] == "sft_into_base"]
     out["gain_recovered"] = {r["span"]: r["gain_recovered"] for r in into_base}
     blocks = [r["gain_recovered"] for r in into_base if r.get("mask")]
@@ -400,15 +562,28 @@ def report_section(
             f"(span {esc(big['span'])}{' = mask ' + esc(big['mask']) if big.get('mask') else ''}"
             f"), delta NLL {fmt(big['delta_nll'])}.</p>"
         )
+    generation = any(r.get("gsm8k_flexible") is not None for r in table)
+    if generation:
+        body += gsm8k_note(s.get("gsm8k_problems"))
+        big = s.get("largest_change_gsm8k_flexible")
+        if big:
+            body += (
+                f"<p>Base flexible accuracy {esc(s['base_gsm8k_flexible']['text'])}, SFT "
+                f"{esc(s['sft_gsm8k_flexible']['text'])}. The largest change of flexible "
+                f"accuracy: {esc(big['direction'])} of span {esc(big['span'])}, "
+                f"{fmt(big['delta_gsm8k_flexible'])}.</p>"
+            )
     for d in DIRECTIONS:
-        png = run / "plots" / f"swap_{d}.png"
-        if png.is_file():
-            body += image(png, png.name)
+        for png in (run / "plots" / f"swap_{d}.png", run / "plots" / f"swap_{d}_gsm8k.png"):
+            if png.is_file():
+                body += image(png, png.name)
     for r in table:  # the layer range next to every span and mask, so nobody has to decode them
         r["layer range"] = (
             "none" if r["direction"] == "reference" else f"{r['first_layer']}-{r['last_layer']}"
         )
-    shown = (
+        for m in GSM8K_METRICS:
+            r[m + " (count, 95%)"] = accuracy_text(r, m)
+    shown: tuple[str, ...] = (
         "direction",
         "host",
         "layer range",
@@ -423,6 +598,13 @@ def report_section(
         "gain_recovered",
         "gain_lost",
     )
+    if generation:
+        shown += (
+            "gsm8k_strict (count, 95%)",
+            "gsm8k_flexible (count, 95%)",
+            "delta_gsm8k_strict",
+            "delta_gsm8k_flexible",
+        )
     head = "".join(f"<th>{esc(c)}</th>" for c in shown)
     lines = "".join(
         "<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in shown) + "</tr>" for r in table

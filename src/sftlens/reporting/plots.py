@@ -208,11 +208,13 @@ def plot_swap(
     title: str,
     references: Mapping[str, float],
     metric: str = "answer_nll",
+    intervals: Sequence[tuple[float, float]] | None = None,
 ) -> Path | None:
     """Bars of one swap direction's hybrids (one per span, bottom first), reference lines.
 
     ``rows`` are ``swap.csv`` rows of one direction; ``references`` maps ``base`` / ``sft`` to
-    the unmodified models' value of ``metric``, drawn as horizontal lines.
+    the unmodified models' value of ``metric``, drawn as horizontal lines; ``intervals``
+    (one ``(low, high)`` per row) are drawn as error bars.
     """
     if not rows:
         return None
@@ -223,10 +225,19 @@ def plot_swap(
 
     labels = [r["span"] + (f"\n{r['mask']}" if r.get("mask") else "") for r in rows]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(rows) + 2.5), 3.8), dpi=110)
-    ax.bar(range(len(rows)), [r[metric] for r in rows], color="#4c72b0", zorder=2)
+    heights = [r[metric] for r in rows]
+    yerr = None
+    if intervals is not None:
+        yerr = [
+            [max(0.0, h - lo) for h, (lo, _) in zip(heights, intervals)],
+            [max(0.0, hi - h) for h, (_, hi) in zip(heights, intervals)],
+        ]
+    ax.bar(range(len(rows)), heights, yerr=yerr, capsize=3, color="#4c72b0", zorder=2)
     for (name, value), style in zip(sorted(references.items()), ("--", ":")):
         ax.axhline(value, color="k", linestyle=style, linewidth=1.2, label=f"{name} (unmodified)")
-    values = [r[metric] for r in rows] + list(references.values())
+    values = heights + list(references.values())
+    if intervals is not None:
+        values += [v for pair in intervals for v in pair]
     low, high = min(values), max(values)
     pad = 0.15 * (high - low) or 0.05 * abs(high) or 1.0
     ax.set_ylim(low - pad, high + pad)
@@ -240,7 +251,8 @@ def plot_swap(
 
 
 def plot_interpolate(rows: Sequence[Row], path: str | Path) -> Path | None:
-    """``answer_nll`` and ``answer_token_acc`` against alpha, one curve per span."""
+    """``answer_nll`` and ``answer_token_acc`` against alpha, one curve per span; with
+    ``--gsm8k`` also ``gsm8k_strict`` and ``gsm8k_flexible`` (one panel each)."""
     if not rows:
         return None
     import matplotlib
@@ -249,8 +261,10 @@ def plot_interpolate(rows: Sequence[Row], path: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     spans = list(dict.fromkeys(r["span"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.8), dpi=110)
-    for ax, metric in zip(axes, ("answer_nll", "answer_token_acc")):
+    metrics = ["answer_nll", "answer_token_acc"]
+    metrics += [m for m in ("gsm8k_strict", "gsm8k_flexible") if rows[0].get(m) is not None]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 3.8), dpi=110)
+    for ax, metric in zip(axes, metrics):
         for span in spans:
             mine = sorted((r for r in rows if r["span"] == span), key=lambda r: r["alpha"])
             mask = next((r["mask"] for r in mine if r.get("mask")), "")
