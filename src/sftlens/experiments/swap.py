@@ -451,7 +451,7 @@ def run_swap(cfg: SwapConfig) -> Path:
             plot_swap(
                 mine,
                 prep.run.path / "plots" / f"swap_{d}_gsm8k.png",
-                title=f"{d.replace('_', ' ')}: GSM8K flexible accuracy (95% interval)",
+                title=f"{d.replace('_', ' ')}: GSM8K flexible (95% CI)",
                 references={m: r["gsm8k_flexible"] for m, r in refs.items()},
                 metric="gsm8k_flexible",
                 intervals=[(r["gsm8k_flexible_ci_low"], r["gsm8k_flexible_ci_high"]) for r in mine],
