@@ -21,6 +21,7 @@ from sftlens.config import (
     InterpolateConfig,
     ProbeConfig,
     SFTConfig,
+    SuggestConfig,
     SwapConfig,
     WeightsConfig,
 )
@@ -93,6 +94,14 @@ CASES: list[tuple[type, dict, str]] = [
     (InterpolateConfig, {"batch_size": 0}, "--batch-size must be >= 1, got 0"),
     (InterpolateConfig, {"max_length": 1}, "--max-length must be >= 2, got 1"),
     (InterpolateConfig, {"dtype": "fp8"}, f"--dtype must be one of {DT}, got 'fp8'"),
+    (SuggestConfig, {"blocks": 0}, "--blocks must be >= 1, got 0"),
+    (SuggestConfig, {"width": -1}, "--width must be >= 0, got -1"),
+    (SuggestConfig, {"width": 6}, "--width must be <= --blocks, got 6 > 5"),
+    (SuggestConfig, {"max_width": 0}, "--max-width must be >= 1, got 0"),
+    (SuggestConfig, {"min_depth": 0.6}, "--min-depth must be in [0, 0.5], got 0.6"),
+    (SuggestConfig, {"min_depth": -0.1}, "--min-depth must be in [0, 0.5], got -0.1"),
+    (SuggestConfig, {"max_depth": 0.4}, "--max-depth must be in [0.5, 1], got 0.4"),
+    (SuggestConfig, {"max_depth": 1.5}, "--max-depth must be in [0.5, 1], got 1.5"),
 ]
 COMMAND_OF = {cls: name for name, (cls, _, _) in COMMANDS.items() if cls is not None}
 
