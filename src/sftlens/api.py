@@ -11,7 +11,7 @@ import csv
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sftlens.config import (
     AnalyzeConfig,
@@ -20,11 +20,15 @@ from sftlens.config import (
     InterpolateConfig,
     ProbeConfig,
     SFTConfig,
+    SuggestConfig,
     SwapConfig,
     WeightsConfig,
 )
 from sftlens.models.loading import load_model, resolve_model
 from sftlens.run import RunFolder, fingerprint
+
+if TYPE_CHECKING:
+    from sftlens.tuning.suggest import Suggestion
 
 log = logging.getLogger("sftlens")
 
@@ -38,6 +42,7 @@ __all__ = [
     "report",
     "resolve_model",
     "sft",
+    "suggest",
     "swap",
     "weights",
 ]
@@ -290,6 +295,17 @@ def interpolate(base: str, sft: str, **options: Any) -> Path:
     from sftlens.experiments.interpolate import run_interpolate
 
     return run_interpolate(InterpolateConfig(base=base, sft=sft, **options))
+
+
+def suggest(run_dir: str | Path, **options: Any) -> Suggestion:
+    """A Mid-Block LoRA mask proposed from an analysis run alone, with its evidence per block.
+
+    Options are the fields of :class:`sftlens.config.SuggestConfig` (``blocks``, ``width``,
+    ``save``, ...); the rule is documented in :mod:`sftlens.tuning.suggest`.
+    """
+    from sftlens.tuning.suggest import run_suggest
+
+    return run_suggest(SuggestConfig(run=str(run_dir), **options))
 
 
 def demo(**options: Any) -> Path:

@@ -18,6 +18,7 @@ from sftlens.config import (
     InterpolateConfig,
     ProbeConfig,
     SFTConfig,
+    SuggestConfig,
     SwapConfig,
     WeightsConfig,
     add_arguments,
@@ -76,6 +77,12 @@ def _interpolate(ns: argparse.Namespace) -> Any:
     return run_interpolate(from_namespace(InterpolateConfig, ns))
 
 
+def _suggest(ns: argparse.Namespace) -> Any:
+    from sftlens.tuning.suggest import run_suggest
+
+    return "\n".join(run_suggest(from_namespace(SuggestConfig, ns)).lines())
+
+
 def _report(ns: argparse.Namespace) -> Any:
     from sftlens import api
 
@@ -110,6 +117,11 @@ COMMANDS: dict[str, tuple[type | None, Callable[[argparse.Namespace], Any], str]
         InterpolateConfig,
         _interpolate,
         "a * SFT + (1 - a) * BASE, for all layers or per depth block",
+    ),
+    "suggest": (
+        SuggestConfig,
+        _suggest,
+        "propose a Mid-Block LoRA mask from an analysis run, with the evidence per block",
     ),
     "report": (None, _report, "rebuild report.html of a run folder"),
 }

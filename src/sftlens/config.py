@@ -483,3 +483,47 @@ class InterpolateConfig:
         _check(self.gsm8k >= 0, f"--gsm8k must be >= 0, got {self.gsm8k}")
         check_generation(self)
         _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got '{self.dtype}'")
+
+
+# -- tuning ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class SuggestConfig:
+    """``sftlens suggest RUN``: a Mid-Block LoRA mask proposed from an analysis run alone.
+
+    Rule ``stable-middle/1``: among the blocks in the middle 20-80% of depth, the contiguous ones
+    that SFT changed least (dW, CKA, entropy change, probe agreement: each ranked across layers,
+    averaged).
+    Work: :mod:`sftlens.tuning.suggest`.
+    """
+
+    run: str = arg(
+        help="run folder of sftlens weights / analyze / probe / demo (reads metrics.csv)",
+        positional=True,
+    )
+    blocks: int = arg(5, help="K depth blocks; the mask has K characters, leftmost = bottom")
+    width: int = arg(
+        0,
+        help="blocks in the mask (0: automatic, the least-changed block widened by neighbours "
+        "that changed less than the average layer, up to --max-width)",
+    )
+    max_width: int = arg(3, help="most blocks the automatic width may take")
+    min_depth: float = arg(
+        0.2, help="candidates are the blocks centred at or above this relative depth (0-0.5)"
+    )
+    max_depth: float = arg(
+        0.8, help="... and at or below this relative depth (0.5-1; 0 and 1: the data alone)"
+    )
+    save: bool = arg(True, help="write suggestion.json and its report section into RUN")
+
+    def __post_init__(self) -> None:
+        _check(self.blocks >= 1, f"--blocks must be >= 1, got {self.blocks}")
+        _check(self.width >= 0, f"--width must be >= 0, got {self.width}")
+        _check(
+            self.width <= self.blocks,
+            f"--width must be <= --blocks, got {self.width} > {self.blocks}",
+        )
+        _check(self.max_width >= 1, f"--max-width must be >= 1, got {self.max_width}")
+        _check(0 <= self.min_depth <= 0.5, f"--min-depth must be in [0, 0.5], got {self.min_depth}")
+        _check(0.5 <= self.max_depth <= 1, f"--max-depth must be in [0.5, 1], got {self.max_depth}")

@@ -21,6 +21,7 @@ from sftlens.config import (
     InterpolateConfig,
     ProbeConfig,
     SFTConfig,
+    SuggestConfig,
     SwapConfig,
     WeightsConfig,
 )
@@ -99,6 +100,14 @@ CASES: list[tuple[type, dict, str]] = [
     (InterpolateConfig, {"gsm8k": -1}, "--gsm8k must be >= 0, got -1"),
     (InterpolateConfig, {"shots": -2}, "--shots must be >= 0, got -2"),
     (InterpolateConfig, {"max_new_tokens": 0}, "--max-new-tokens must be >= 1, got 0"),
+    (SuggestConfig, {"blocks": 0}, "--blocks must be >= 1, got 0"),
+    (SuggestConfig, {"width": -1}, "--width must be >= 0, got -1"),
+    (SuggestConfig, {"width": 6}, "--width must be <= --blocks, got 6 > 5"),
+    (SuggestConfig, {"max_width": 0}, "--max-width must be >= 1, got 0"),
+    (SuggestConfig, {"min_depth": 0.6}, "--min-depth must be in [0, 0.5], got 0.6"),
+    (SuggestConfig, {"min_depth": -0.1}, "--min-depth must be in [0, 0.5], got -0.1"),
+    (SuggestConfig, {"max_depth": 0.4}, "--max-depth must be in [0.5, 1], got 0.4"),
+    (SuggestConfig, {"max_depth": 1.5}, "--max-depth must be in [0.5, 1], got 1.5"),
 ]
 COMMAND_OF = {cls: name for name, (cls, _, _) in COMMANDS.items() if cls is not None}
 

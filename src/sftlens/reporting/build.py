@@ -51,6 +51,7 @@ _EXPERIMENT_SECTIONS = (
     "sftlens.experiments.probe",
     "sftlens.experiments.swap",
     "sftlens.experiments.interpolate",
+    "sftlens.tuning.suggest",
 )
 
 
