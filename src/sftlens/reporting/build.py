@@ -52,11 +52,12 @@ _EXPERIMENT_SECTIONS = (
     "sftlens.experiments.probe",
     "sftlens.experiments.swap",
     "sftlens.experiments.interpolate",
+    "sftlens.tuning.tune",
 )
 
 
 RUN_FILES = ("config.json", "metrics.csv", "summary.json")
-_MAKERS = "sftlens weights, analyze, eval, probe, swap, interpolate or demo"
+_MAKERS = "sftlens weights, analyze, eval, probe, swap, interpolate, tune or demo"
 
 
 def build_report(run: Path) -> Path:
