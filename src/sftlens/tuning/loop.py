@@ -29,13 +29,21 @@ from sftlens.io import atomic_write_json, config_hash, read_json
 NOT_HASHED = {"out", "progress", "save_every", "device"}
 
 
-def config_key(cfg: TrainConfig, model_dir: Path, examples: list[Any], **extra: Any) -> str:
-    """What decides the trained weights: the options, the starting checkpoint's bytes, the
-    training examples themselves (an edited data file or checkpoint at the same path retrains)
-    and ``extra`` (what a command resolves from them, e.g. the layers of ``--mask auto``)."""
+def config_key(
+    cfg: TrainConfig,
+    model_dir: Path,
+    examples: list[Any],
+    ignore: frozenset[str] = frozenset(),
+    **extra: Any,
+) -> str:
+    """What decides the trained weights: the options (less :data:`NOT_HASHED` and ``ignore``),
+    the starting checkpoint's bytes, the training examples themselves (an edited data file or
+    checkpoint at the same path retrains) and ``extra`` (what a command resolves from its
+    options, e.g. the layers a mask selects)."""
     from sftlens.run import fingerprint
 
-    d: dict[str, Any] = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_HASHED}
+    skip = NOT_HASHED | ignore
+    d: dict[str, Any] = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
     d["model"] = str(model_dir)
     d["model_files"] = fingerprint(model_dir)["files"]
     d["examples"] = config_hash([[e.question, e.answer] for e in examples])

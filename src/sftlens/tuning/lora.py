@@ -93,6 +93,7 @@ class LoraPlan:
     rank: int  # per trained layer
     alpha: float
     dropout: float = 0.0
+    fan_in_fan_out: bool = False  # weights stored (in, out): GPT-2's Conv1D
 
     @property
     def scaling(self) -> float:
@@ -106,6 +107,7 @@ class LoraPlan:
             r=self.rank,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
+            fan_in_fan_out=self.fan_in_fan_out,
             target_modules=list(self.target_modules),
             layers_to_transform=list(self.layers),
             layers_pattern=self.layers_pattern,
@@ -138,6 +140,7 @@ def plan_lora(model: nn.Module, layers: list[int] | tuple[int, ...], cfg: TuneCo
         rank=rank,
         alpha=float(alpha),
         dropout=cfg.lora_dropout,
+        fan_in_fan_out=spec.transposed,
     )
 
 

@@ -53,6 +53,8 @@ log = logging.getLogger("sftlens.tune")
 
 CHECKPOINT = "checkpoint-last"
 ADAPTER_DIR = "adapter"
+# options that only say which layers: the resolved layers are hashed instead
+_SELECTION_FIELDS = frozenset({"mask", "from_run", "blocks"})
 
 
 def select_layers(cfg: TuneConfig, num_layers: int) -> tuple[Selection, list[str]]:
@@ -107,7 +109,10 @@ def run_tune(cfg: TuneConfig) -> Path:
     log.info("mask %s", selection.describe())
     for line in evidence:
         log.info("  %s", line)
-    key = config_key(cfg, model_dir, examples, layers=list(selection.layers))
+    # the layers decide, not how they were written (01100, 6:18, 0.2-0.6 or auto)
+    key = config_key(
+        cfg, model_dir, examples, _SELECTION_FIELDS, layers=list(selection.layers)
+    )
     state_path = out / "trainer_state.json"
     if (
         state_path.is_file()
@@ -115,6 +120,9 @@ def run_tune(cfg: TuneConfig) -> Path:
         and (out / ADAPTER_DIR / "adapter_model.safetensors").is_file()
     ):
         log.info("tune already finished in %s (same config, model and data): reusing it", out)
+        from sftlens.run import RunFolder
+
+        RunFolder(out).write_summary({"mask": selection.text, "selection": selection.describe()})
         return out
 
     ckpt = out / CHECKPOINT
