@@ -192,9 +192,10 @@ def parse_alphas(text: str) -> list[float]:
 SELECTION_FORMS = (
     "a depth-block mask of 0/1 (e.g. 01100, any length K, leftmost = bottom block), "
     "layers (e.g. 3,4,5 or 6:18, half-open), or a relative-depth range a-b in [0, 1] "
-    "(e.g. 0.2-0.8: layers floor(a*L) .. floor(b*L)-1)"
+    "(e.g. 0.2-0.8 or 1/3-2/3: layers floor(a*L) .. floor(b*L)-1)"
 )
-_DEPTH = re.compile(r"^(\d*\.?\d+)-(\d*\.?\d+)$")
+_NUMBER = r"(\d*\.?\d+(?:/\d+)?)"  # 0.2, .5, 1, 1/3
+_DEPTH = re.compile(rf"^{_NUMBER}-{_NUMBER}$")
 _LAYER_ITEM = re.compile(r"^(\d+)(?::(\d+))?$")
 
 
@@ -245,9 +246,9 @@ def parse_layer_selection(
       "Names"; ``num_blocks``, when given, is the length it must have). ``1`` alone is the
       one-block mask (every layer); to name layer 1, 10 or 11 alone write ``1:2``, ``10:11``.
     - Comma-separated layer indices and half-open spans ``i:j`` (``3,4,5``, ``6:18``).
-    - ``a-b`` with ``0 <= a < b <= 1`` is a relative-depth range, half-open like the blocks:
-      layers ``floor(a*L) .. floor(b*L) - 1`` (computed exactly from the decimals), so
-      ``k/K-(k+1)/K`` is exactly depth block ``k``.
+    - ``a-b`` with ``0 <= a < b <= 1`` (decimals or fractions: ``0.2-0.8``, ``1/3-2/3``) is a
+      relative-depth range, half-open like the blocks: layers ``floor(a*L) .. floor(b*L) - 1``
+      (computed exactly, no float rounding), so ``k/K-(k+1)/K`` is exactly depth block ``k``.
 
     With ``num_layers=None`` only the syntax is checked (what a config can check before the
     model is known); the returned selection then has no layers. ``auto`` is not a selection:
@@ -266,9 +267,14 @@ def parse_layer_selection(
             raise _bad(raw, "selects no block (it has no 1)")
         layers = mask_layers(text, num_layers) if num_layers is not None else []
         return Selection(text, "mask", tuple(layers), num_layers or 0)
+    if text.isdigit() and len(text) > 1 and text[0] == "0":
+        raise _bad(raw, "is malformed: a mask holds only 0 and 1")
     m = _DEPTH.match(text)
     if m is not None:
-        lo, hi = Fraction(m.group(1)), Fraction(m.group(2))
+        try:
+            lo, hi = Fraction(m.group(1)), Fraction(m.group(2))
+        except ZeroDivisionError:
+            raise _bad(raw, "divides by zero") from None
         if not 0 <= lo < hi <= 1:
             raise _bad(raw, "is not a depth range 0 <= a < b <= 1 (for layers write 3,4,5 or 3:6)")
         if num_layers is None:
