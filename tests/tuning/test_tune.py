@@ -441,3 +441,24 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run_and_redoes_no_step(
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-7)
+
+
+def test_a_plan_that_peft_does_not_follow_is_refused(monkeypatch):
+    """PEFT adapts whatever its patterns match; a plan it did not follow is a one-line error,
+    not a silently different adapter."""
+    import dataclasses
+
+    model = _tiny_model()
+    plan = _plan(model, [1, 2])
+    with pytest.raises(SftlensError, match="PEFT found none of self_attn.q_proj"):
+        lora.apply_lora(model, dataclasses.replace(plan, layers_pattern="h"))
+    real = lora.LoraPlan.lora_config
+
+    def one_layer_only(self):
+        config = real(self)
+        config.layers_to_transform = [1]
+        return config
+
+    monkeypatch.setattr(lora.LoraPlan, "lora_config", one_layer_only)
+    with pytest.raises(SftlensError, match="PEFT adapted 4 modules, not the 8 planned"):
+        lora.apply_lora(_tiny_model(), plan)

@@ -157,7 +157,14 @@ def apply_lora(model: nn.Module, plan: LoraPlan) -> Any:
         model.gradient_checkpointing_disable()  # type: ignore[operator]
     with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_checkpointing
         warnings.simplefilter("ignore", FutureWarning)
-        peft_model = get_peft_model(model, plan.lora_config())  # type: ignore[arg-type]
+        try:
+            peft_model = get_peft_model(model, plan.lora_config())  # type: ignore[arg-type]
+        except ValueError as exc:  # PEFT's "no target module found"
+            raise SftlensError(
+                f"PEFT found none of {', '.join(plan.target_modules)} in layers "
+                f"{list(plan.layers)} under '{plan.layers_pattern}' ({str(exc).splitlines()[0][:120]}); "
+                "report this model type to sftlens"
+            ) from None
     base = surgery._unwrap(peft_model)
     if hasattr(base, "disable_input_require_grads"):
         base.disable_input_require_grads()
