@@ -462,3 +462,22 @@ def test_a_plan_that_peft_does_not_follow_is_refused(monkeypatch):
     monkeypatch.setattr(lora.LoraPlan, "lora_config", one_layer_only)
     with pytest.raises(SftlensError, match="PEFT adapted 4 modules, not the 8 planned"):
         lora.apply_lora(_tiny_model(), plan)
+
+
+def test_lora_dw_plot_shows_the_full_sft_dw_when_the_folder_has_it(tmp_path, monkeypatch):
+    from sftlens.reporting import plots
+
+    seen = {}
+    monkeypatch.setattr(plots, "plot_layers", lambda path, curves, **kw: seen.update(curves))
+    lora_rows = [
+        {"model": "pair", "layer": i, "metric": "lora_dw_attn", "value": v}
+        for i, v in enumerate([0.0, 2.0, 4.0])
+    ]
+    dw_rows = [
+        {"model": "pair", "layer": i, "metric": "dw_attn", "value": v}
+        for i, v in enumerate([1.0, 5.0, 10.0])
+    ]
+    plots.plot_tune(lora_rows, [], tmp_path)
+    assert seen == {"LoRA attn ||scaling B A|| / max": [0.0, 0.5, 1.0]}
+    plots.plot_tune(lora_rows + dw_rows, [], tmp_path)
+    assert seen["full SFT dW attn / max"] == [0.1, 0.5, 1.0]
