@@ -226,7 +226,9 @@ class TuneConfig(TrainConfig):
 
         super().__post_init__()
         auto = self.mask.strip().lower() == "auto"
-        _check(not auto or bool(self.from_run), "--mask auto needs --from RUN_DIR (an analysis run)")
+        _check(
+            not auto or bool(self.from_run), "--mask auto needs --from RUN_DIR (an analysis run)"
+        )
         _check(
             auto or self.from_run is None,
             "--from is read only by --mask auto; drop it or pass --mask auto",
@@ -235,9 +237,7 @@ class TuneConfig(TrainConfig):
             parse_layer_selection(self.mask, None)  # syntax now; the range once L is known
         _check(self.blocks >= 1, f"--blocks must be >= 1, got {self.blocks}")
         _check(self.rank >= 1, f"--rank must be >= 1, got {self.rank}")
-        _check(
-            self.alpha is None or self.alpha > 0, f"--alpha must be > 0, got {self.alpha}"
-        )
+        _check(self.alpha is None or self.alpha > 0, f"--alpha must be > 0, got {self.alpha}")
         _check(self.alpha_ratio > 0, f"--alpha-ratio must be > 0, got {self.alpha_ratio}")
         _check(
             0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"
