@@ -105,7 +105,7 @@ class LoraPlan:
 
         return LoraConfig(
             r=self.rank,
-            lora_alpha=self.alpha,
+            lora_alpha=self.alpha,  # type: ignore[arg-type]  # annotated int; floats work
             lora_dropout=self.dropout,
             fan_in_fan_out=self.fan_in_fan_out,
             target_modules=list(self.target_modules),
@@ -158,22 +158,22 @@ def apply_lora(model: nn.Module, plan: LoraPlan) -> Any:
     with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_checkpointing
         warnings.simplefilter("ignore", FutureWarning)
         try:
-            peft_model = get_peft_model(model, plan.lora_config())  # type: ignore[arg-type]
+            peft_model = get_peft_model(model, plan.lora_config())
         except ValueError as exc:  # PEFT's "no target module found"
             raise SftlensError(
                 f"PEFT found none of {', '.join(plan.target_modules)} in layers "
                 f"{list(plan.layers)} under '{plan.layers_pattern}' ({str(exc).splitlines()[0][:120]}); "
                 "report this model type to sftlens"
             ) from None
-    base = surgery._unwrap(peft_model)
-    if hasattr(base, "disable_input_require_grads"):
-        base.disable_input_require_grads()
+    disable = getattr(surgery._unwrap(peft_model), "disable_input_require_grads", None)
+    if callable(disable):
+        disable()
     _check_adapted(peft_model, plan)
     return peft_model
 
 
 def _lora_module(block: nn.Module, name: str) -> Any:
-    module = block.get_submodule(name)
+    module: Any = block.get_submodule(name)
     return module if hasattr(module, "lora_A") and ADAPTER in module.lora_A else None
 
 
