@@ -19,6 +19,7 @@ _API = {
     "probe",
     "swap",
     "interpolate",
+    "tune",
     "suggest",
     "report",
     "load_model",
