@@ -51,11 +51,12 @@ _EXPERIMENT_SECTIONS = (
     "sftlens.experiments.probe",
     "sftlens.experiments.swap",
     "sftlens.experiments.interpolate",
+    "sftlens.tuning.sweep",
 )
 
 
 RUN_FILES = ("config.json", "metrics.csv", "summary.json")
-_MAKERS = "sftlens weights, analyze, eval, probe, swap, interpolate or demo"
+_MAKERS = "sftlens weights, analyze, eval, probe, swap, interpolate, sweep or demo"
 
 
 def build_report(run: Path) -> Path:
