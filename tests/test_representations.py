@@ -315,7 +315,7 @@ def test_analyze_cli_end_to_end_and_resume(tiny_pair, tmp_path, monkeypatch):
 
 
 def test_report_names_layer_ranges():
-    from sftlens.reporting.build import _ranges
+    from sftlens.layers import layer_ranges as _ranges
 
     assert _ranges([9, 2, 3, 4, 7, 10]) == "2-4, 7, 9-10"
     assert _ranges([5]) == "5" and _ranges([]) == ""

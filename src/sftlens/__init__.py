@@ -19,6 +19,7 @@ _API = {
     "probe",
     "swap",
     "interpolate",
+    "tune",
     "report",
     "load_model",
     "resolve_model",

@@ -21,6 +21,7 @@ from sftlens.config import (
     ProbeConfig,
     SFTConfig,
     SwapConfig,
+    TuneConfig,
     WeightsConfig,
 )
 from sftlens.models.loading import load_model, resolve_model
@@ -39,6 +40,7 @@ __all__ = [
     "resolve_model",
     "sft",
     "swap",
+    "tune",
     "weights",
 ]
 
@@ -262,6 +264,18 @@ def sft(model: str, **options: Any) -> Path:
     from sftlens.tuning.sft import train_sft
 
     return train_sft(SFTConfig(model=model, **options))
+
+
+def tune(model: str, **options: Any) -> Path:
+    """LoRA on the layers of ``mask`` only (budget-matched, everything else frozen); returns the
+    output folder (``adapter/``, ``summary.json``, ``metrics.csv``, ``trainer_state.json``).
+
+    Options are the fields of :class:`sftlens.config.TuneConfig` (``mask``, ``out``, ``steps``,
+    ``rank``, ``budget_match``, ``alpha``, ``targets``, ...).
+    """
+    from sftlens.tuning.tune import run_tune
+
+    return run_tune(TuneConfig(model=model, **options))
 
 
 def evaluate(model: str, **options: Any) -> Path:

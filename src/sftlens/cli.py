@@ -19,6 +19,7 @@ from sftlens.config import (
     ProbeConfig,
     SFTConfig,
     SwapConfig,
+    TuneConfig,
     WeightsConfig,
     add_arguments,
     from_namespace,
@@ -42,6 +43,12 @@ def _sft(ns: argparse.Namespace) -> Any:
     from sftlens.tuning.sft import train_sft
 
     return train_sft(from_namespace(SFTConfig, ns))
+
+
+def _tune(ns: argparse.Namespace) -> Any:
+    from sftlens.tuning.tune import run_tune
+
+    return run_tune(from_namespace(TuneConfig, ns))
 
 
 def _demo(ns: argparse.Namespace) -> Any:
@@ -99,6 +106,11 @@ COMMANDS: dict[str, tuple[type | None, Callable[[argparse.Namespace], Any], str]
         "hidden-state and attention metrics of BASE vs SFT (one streaming pass)",
     ),
     "sft": (SFTConfig, _sft, "full-parameter SFT on GSM8K-format data (resumable)"),
+    "tune": (
+        TuneConfig,
+        _tune,
+        "LoRA on the layers of a mask only (01100: the middle blocks), budget-matched",
+    ),
     "eval": (
         EvalConfig,
         _eval,

@@ -13,7 +13,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, Union
+from typing import Any, ClassVar, TypeVar, Union
 
 from sftlens.errors import SftlensError
 
@@ -21,10 +21,14 @@ T = TypeVar("T")
 
 
 def arg(
-    default: Any = dataclasses.MISSING, help: str = "", positional: bool = False, **kw: Any
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    positional: bool = False,
+    aliases: tuple[str, ...] = (),
+    **kw: Any,
 ) -> Any:
-    """A dataclass field with CLI metadata."""
-    meta = {"help": help, "positional": positional}
+    """A dataclass field with CLI metadata (``aliases``: extra flags, e.g. ``("--from",)``)."""
+    meta = {"help": help, "positional": positional, "aliases": aliases}
     if default is dataclasses.MISSING:
         return field(metadata=meta, **kw)
     if isinstance(default, (list, dict, set)):
@@ -48,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         tp, optional = _base_type(hints[f.name])
         help_text = f.metadata.get("help", "")
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
         has_default = (
             f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         )
@@ -61,15 +65,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(f.name, type=tp, help=help_text, metavar=f.name.upper())
         elif tp is bool:
             parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+                *flags, action=argparse.BooleanOptionalAction, default=default, help=help_text
             )
         elif typing.get_origin(tp) in (list, tuple):
             inner = typing.get_args(tp)[0]
-            parser.add_argument(flag, nargs="+", type=inner, default=default, help=help_text)
+            parser.add_argument(*flags, nargs="+", type=inner, default=default, help=help_text)
         else:
             suffix = "" if not has_default or default is None else f" (default: {default})"
             parser.add_argument(
-                flag,
+                *flags,
                 type=tp,
                 default=default,
                 required=not has_default and not optional,
@@ -105,13 +109,19 @@ class WeightsConfig:
 
 
 @dataclass
-class SFTConfig:
-    """``sftlens sft MODEL``: full-parameter supervised fine-tuning on GSM8K-format data."""
+class TrainConfig:
+    """What every training command shares: data, steps, optimizer, precision (not a command).
+
+    :class:`SFTConfig` and :class:`TuneConfig` add their own fields; both train through
+    :func:`sftlens.tuning.loop.train_loop`, so the data encoding and order are the same.
+    """
+
+    _command: ClassVar[str] = "train"
 
     model: str = arg(
         help="model to fine-tune: folder, .gguf file, hub id or alias", positional=True
     )
-    out: str = arg("runs/sft", help="output folder (a standard Hugging Face model folder)")
+    out: str = arg("runs/train", help="output folder")
     data: str = arg(
         "auto", help="jsonl file, folder with train.jsonl, 'gsm8k', 'synthetic' or 'auto'"
     )
@@ -135,7 +145,10 @@ class SFTConfig:
     progress: bool = arg(True, help="show progress bars")
 
     def __post_init__(self) -> None:
-        _check(self.split != "test", "sft refuses to train on the test split; use --split train")
+        _check(
+            self.split != "test",
+            f"{self._command} refuses to train on the test split; use --split train",
+        )
         for name in ("steps", "batch_size", "grad_accum", "max_length"):
             _check(
                 getattr(self, name) >= 1,
@@ -151,6 +164,90 @@ class SFTConfig:
             f"--prompt-format must be 'qa' or 'chat', got '{self.prompt_format}'",
         )
         _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got '{self.dtype}'")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """``sftlens sft MODEL``: full-parameter supervised fine-tuning on GSM8K-format data."""
+
+    _command: ClassVar[str] = "sft"
+
+    out: str = arg("runs/sft", help="output folder (a standard Hugging Face model folder)")
+
+
+#: ``--targets`` shorthands: the attention projections, or attention and MLP.
+TARGET_GROUPS = ("attn", "attn+mlp", "mlp")
+#: Projection names ``--targets`` may list (those of :class:`sftlens.models.surgery.ArchSpec`).
+TARGET_PROJS = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up", "fc_in", "fc_out")
+
+
+@dataclass
+class TuneConfig(TrainConfig):
+    """``sftlens tune MODEL --mask 01100``: LoRA on the layers of a mask only, budget-matched.
+
+    Everything but the LoRA weights is frozen; the loss, data encoding and order are those of
+    ``sftlens sft``. Work: :mod:`sftlens.tuning.tune` (LoRA config: :mod:`sftlens.tuning.lora`).
+    """
+
+    _command: ClassVar[str] = "tune"
+
+    out: str = arg("runs/tune", help="output folder (adapter/, summary.json, metrics.csv, report)")
+    lr: float = arg(2e-4, help="peak learning rate (AdamW)")
+    mask: str = arg(
+        "11111",
+        help="layers that get LoRA: a depth-block mask (01100; leftmost = bottom block), "
+        "layers (3,4,5 or 6:18), a relative-depth range (0.2-0.8), or 'auto' (with --from)",
+    )
+    from_run: str | None = arg(
+        None, aliases=("--from",), help="analysis run folder whose evidence --mask auto reads"
+    )
+    blocks: int = arg(5, help="depth blocks K of the mask --mask auto proposes")
+    rank: int = arg(
+        8,
+        help="LoRA rank of the all-layers baseline; with budget matching each trained layer "
+        "gets round(rank * L / L_active) so that the total rank stays rank * L",
+    )
+    budget_match: bool = arg(True, help="scale the rank to the all-layers budget (SPEC)")
+    alpha: float | None = arg(
+        None,
+        help="fixed lora_alpha for every mask (the paper used 128); "
+        "default: alpha = --alpha-ratio x the rank per layer",
+    )
+    alpha_ratio: float = arg(2.0, help="alpha / rank when --alpha is not given")
+    targets: str = arg(
+        "attn",
+        help="modules that get LoRA: 'attn' (q,k,v,o), 'attn+mlp', 'mlp', or projections "
+        "such as 'q,v' or 'q,k,v,o,gate,up,down'",
+    )
+    lora_dropout: float = arg(0.0, help="LoRA dropout")
+
+    def __post_init__(self) -> None:
+        from sftlens.layers import parse_layer_selection
+
+        super().__post_init__()
+        auto = self.mask.strip().lower() == "auto"
+        _check(not auto or bool(self.from_run), "--mask auto needs --from RUN_DIR (an analysis run)")
+        _check(
+            auto or self.from_run is None,
+            "--from is read only by --mask auto; drop it or pass --mask auto",
+        )
+        if not auto:
+            parse_layer_selection(self.mask, None)  # syntax now; the range once L is known
+        _check(self.blocks >= 1, f"--blocks must be >= 1, got {self.blocks}")
+        _check(self.rank >= 1, f"--rank must be >= 1, got {self.rank}")
+        _check(
+            self.alpha is None or self.alpha > 0, f"--alpha must be > 0, got {self.alpha}"
+        )
+        _check(self.alpha_ratio > 0, f"--alpha-ratio must be > 0, got {self.alpha_ratio}")
+        _check(
+            0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"
+        )
+        names = [t.strip() for t in self.targets.split(",")]
+        _check(
+            self.targets in TARGET_GROUPS or all(n in TARGET_PROJS for n in names),
+            f"--targets must be one of {', '.join(TARGET_GROUPS)} or a list of "
+            f"{', '.join(TARGET_PROJS)}, got '{self.targets}'",
+        )
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import re
 import sys
 
 import pytest
@@ -22,6 +23,7 @@ from sftlens.config import (
     ProbeConfig,
     SFTConfig,
     SwapConfig,
+    TuneConfig,
     WeightsConfig,
 )
 from sftlens.errors import SftlensError
@@ -43,6 +45,25 @@ CASES: list[tuple[type, dict, str]] = [
     (SFTConfig, {"save_every": -1}, "--save-every must be >= 0, got -1"),
     (SFTConfig, {"prompt_format": "xml"}, "--prompt-format must be 'qa' or 'chat', got 'xml'"),
     (SFTConfig, {"dtype": "float64"}, f"--dtype must be one of {DT}, got 'float64'"),
+    (TuneConfig, {"split": "test"}, "tune refuses to train on the test split; use --split train"),
+    (TuneConfig, {"steps": 0}, "--steps must be >= 1, got 0"),
+    (TuneConfig, {"mask": "auto"}, "--mask auto needs --from RUN_DIR (an analysis run)"),
+    (
+        TuneConfig,
+        {"from_run": "runs/a"},
+        "--from is read only by --mask auto; drop it or pass --mask auto",
+    ),
+    (TuneConfig, {"blocks": 0}, "--blocks must be >= 1, got 0"),
+    (TuneConfig, {"rank": 0}, "--rank must be >= 1, got 0"),
+    (TuneConfig, {"alpha": 0.0}, "--alpha must be > 0, got 0.0"),
+    (TuneConfig, {"alpha_ratio": -1.0}, "--alpha-ratio must be > 0, got -1.0"),
+    (TuneConfig, {"lora_dropout": 1.0}, "--lora-dropout must be in [0, 1), got 1.0"),
+    (
+        TuneConfig,
+        {"targets": "q,x"},
+        "--targets must be one of attn, attn+mlp, mlp or a list of q, k, v, o, qkv, gate, up, "
+        "down, gate_up, fc_in, fc_out, got 'q,x'",
+    ),
     (DemoConfig, {"sft_steps": 0}, "--sft-steps must be >= 1, got 0"),
     (DemoConfig, {"analyze_prompts": -1}, "--analyze-prompts must be >= 0, got -1"),
     (DemoConfig, {"eval_problems": -1}, "--eval-problems must be >= 0, got -1"),
@@ -94,6 +115,11 @@ CASES: list[tuple[type, dict, str]] = [
     (InterpolateConfig, {"max_length": 1}, "--max-length must be >= 2, got 1"),
     (InterpolateConfig, {"dtype": "fp8"}, f"--dtype must be one of {DT}, got 'fp8'"),
 ]
+# checks outside _check (parsers shared with the commands): the message ends with the forms
+PARSED_CASES: list[tuple[type, dict, str]] = [
+    (TuneConfig, {"mask": "0000"}, "layer selection '0000' selects no block (it has no 1); pass "),
+    (TuneConfig, {"mask": "1-2-3"}, "layer selection '1-2-3' is malformed at '1-2-3'; pass "),
+]
 COMMAND_OF = {cls: name for name, (cls, _, _) in COMMANDS.items() if cls is not None}
 
 
@@ -133,6 +159,24 @@ def test_config_check_from_api_and_cli(case, tmp_path, monkeypatch, capsys):
     assert main(cli_args(cls, bad)) == 2
     assert error_line(capsys.readouterr().err) == f"error: {message}"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", PARSED_CASES, ids=case_id)
+def test_parsed_option_errors_from_api_and_cli(case, tmp_path, monkeypatch, capsys):
+    cls, bad, start = case
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SftlensError, match="^" + re.escape(start)):
+        cls(**api_kwargs(cls, bad))
+    assert main(cli_args(cls, bad)) == 2
+    assert error_line(capsys.readouterr().err).startswith(f"error: {start}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_from_is_an_alias_of_from_run():
+    from sftlens.cli import build_parser
+
+    ns = build_parser().parse_args(["tune", "m", "--mask", "auto", "--from", "runs/a"])
+    assert ns.from_run == "runs/a"
 
 
 @pytest.mark.parametrize("cls", sorted(COMMAND_OF, key=lambda c: c.__name__))

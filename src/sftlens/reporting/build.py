@@ -8,6 +8,7 @@ from typing import Any
 
 from sftlens.errors import SftlensError
 from sftlens.io import read_json, read_metrics_csv
+from sftlens.layers import layer_ranges
 from sftlens.reporting.html import esc, image, kv_table, layer_table, render, whole_model_table
 
 WEIGHT_COLUMNS = (
@@ -51,12 +52,13 @@ _EXPERIMENT_SECTIONS = (
     "sftlens.experiments.probe",
     "sftlens.experiments.swap",
     "sftlens.experiments.interpolate",
+    "sftlens.tuning.tune",
     "sftlens.tuning.sweep",
 )
 
 
 RUN_FILES = ("config.json", "metrics.csv", "summary.json")
-_MAKERS = "sftlens weights, analyze, eval, probe, swap, interpolate, sweep or demo"
+_MAKERS = "sftlens weights, analyze, eval, probe, swap, interpolate, tune, sweep or demo"
 
 
 def build_report(run: Path) -> Path:
@@ -119,7 +121,7 @@ def build_report(run: Path) -> Path:
         massive = a.get("massive_feature_layers") or []
         if massive:
             body += (
-                f"<p>In {len(massive)} layers ({esc(_ranges(massive))}) a single feature carries "
+                f"<p>In {len(massive)} layers ({esc(layer_ranges(massive))}) a single feature carries "
                 "more than half of the base model's token variance (a massive activation); plain "
                 "CKA mostly compares that feature there. <code>cka_std</code> (CKA of z-scored "
                 "features) weighs every feature alike.</p>"
@@ -152,14 +154,3 @@ def build_report(run: Path) -> Path:
     )
     sections.append(("Files in this run", f"<ul>{files}</ul>"))
     return render("sftlens report", sections, run / "report.html")
-
-
-def _ranges(layers: list[int]) -> str:
-    """``[2, 3, 4, 7]`` -> ``"2-4, 7"``."""
-    parts: list[str] = []
-    for i in sorted(layers):
-        if parts and i == int(parts[-1].rsplit("-", 1)[-1]) + 1:
-            parts[-1] = f"{parts[-1].split('-')[0]}-{i}"
-        else:
-            parts.append(str(i))
-    return ", ".join(parts)

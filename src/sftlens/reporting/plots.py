@@ -108,6 +108,57 @@ def plot_weights(rows: Sequence[Row], plots_dir: str | Path) -> list[Path]:
     return out
 
 
+def plot_tune(
+    rows: Sequence[Row], history: Sequence[Mapping[str, Any]], plots_dir: str | Path
+) -> list[Path]:
+    """The LoRA run's loss curve, and its weight change per layer next to the SFT's dW.
+
+    ``tune_lora_dw.png`` shows ``lora_dw_attn`` (and ``lora_dw_mlp``) against depth; when the
+    folder also holds the weights analysis of a full SFT (``dw_attn``), that curve is drawn too.
+    Each curve is divided by its largest value, so the shapes compare across the very different
+    scales of a rank-r adapter and a full fine-tune.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots_dir = Path(plots_dir)
+    out = []
+    if history:
+        fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
+        ax.plot([h["step"] for h in history], [h["loss"] for h in history], linewidth=1.5)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("answer-token loss (nats)")
+        ax.set_title("LoRA training loss")
+        ax.grid(alpha=0.3)
+        out.append(_save(fig, plots_dir / "tune_loss.png"))
+    curves = {
+        label: series(rows, metric)
+        for label, metric in (
+            ("LoRA attn ||scaling B A||", "lora_dw_attn"),
+            ("LoRA mlp ||scaling B A||", "lora_dw_mlp"),
+            ("full SFT dW attn", "dw_attn"),
+            ("full SFT dW mlp", "dw_mlp"),
+        )
+    }
+    scaled = {
+        f"{label} / max": [v / top for v in ys]
+        for label, ys in curves.items()
+        if ys and (top := max((v for v in ys if v == v), default=0.0)) > 0
+    }
+    if any(k.startswith("LoRA") for k in scaled):
+        out.append(
+            plot_layers(
+                plots_dir / "tune_lora_dw.png",
+                scaled,
+                title="Weight change per layer (each curve / its max)",
+                ylabel="relative to the largest layer",
+            )
+        )
+    return out
+
+
 def plot_representations(rows: Sequence[Row], plots_dir: str | Path) -> list[Path]:
     """One plot per metric family: information, geometry, attention."""
     plots_dir = Path(plots_dir)

@@ -1,10 +1,10 @@
 """Full-parameter supervised fine-tuning on GSM8K-format data, resumable.
 
-Loss is on answer tokens only (prompt and padding are masked with -100), averaged over the
-answer tokens of each optimizer step. AdamW with linear warmup then cosine decay, gradient
-accumulation, a fixed seed for data order. Every ``save_every`` steps the model, optimizer
-and scheduler are saved to ``OUT/checkpoint-last`` (safetensors + JSON, no pickle); a rerun
-with the same config resumes from there, and a finished run is not trained again.
+The loop (answer-only loss, AdamW with warmup then cosine decay, gradient accumulation, seeded
+data order, data parallelism) is :func:`sftlens.tuning.loop.train_loop`, shared with ``tune``.
+Every ``save_every`` steps the model, optimizer and scheduler are saved to
+``OUT/checkpoint-last`` (safetensors + JSON, no pickle); a rerun with the same config resumes
+from there, and a finished run is not trained again.
 
 The output folder is a standard Hugging Face model folder (``config.json``,
 ``model.safetensors``, tokenizer files) plus ``trainer_state.json``.
@@ -14,142 +14,55 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from sftlens.config import SFTConfig
-from sftlens.errors import SftlensError
-from sftlens.io import atomic_write_json, config_hash, read_json
+from sftlens.io import atomic_write_json, read_json
+
+# the shared pieces, importable from here as before
+from sftlens.tuning.loop import (
+    answer_loss_sum,
+    collate,
+    config_key,
+    encode_example,
+    example_order,
+    load_optimizer,
+    make_optimizer,
+    save_optimizer,
+    train_loop,
+    unwrap_optimizer,
+)
+
+__all__ = [
+    "answer_loss_sum",
+    "collate",
+    "encode_example",
+    "example_order",
+    "load_optimizer",
+    "save_optimizer",
+    "train_sft",
+]
 
 log = logging.getLogger("sftlens.sft")
 
 CHECKPOINT = "checkpoint-last"
-# Config fields that do not change the trained weights: ignore them when deciding to resume.
-_NOT_HASHED = {"out", "progress", "save_every", "device"}
-
-
-def _hash(cfg: SFTConfig, model_dir: Path, examples: list[Any]) -> str:
-    """What decides the trained weights: the options, the starting checkpoint's bytes and the
-    training examples themselves (an edited data file or checkpoint at the same path retrains)."""
-    from sftlens.run import fingerprint
-
-    d: dict[str, Any] = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_HASHED}
-    d["model"] = str(model_dir)
-    d["model_files"] = fingerprint(model_dir)["files"]
-    d["examples"] = config_hash([[e.question, e.answer] for e in examples])
-    return config_hash(d)
-
-
-def encode_example(
-    tok: Any, prompt: str, target: str, max_length: int
-) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 on the prompt) for one example, EOS appended to the answer."""
-    p = tok(prompt, add_special_tokens=True)["input_ids"]
-    t = tok(target, add_special_tokens=False)["input_ids"]
-    if tok.eos_token_id is not None:
-        t = [*t, tok.eos_token_id]
-    ids = (p + t)[:max_length]
-    labels = ([-100] * len(p) + t)[:max_length]
-    return ids, labels
-
-
-def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch: ``input_ids``/``attention_mask``/``labels`` all (B, T)."""
-    width = max(len(ids) for ids, _ in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (x, y) in enumerate(batch):
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(x)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def answer_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over positions whose label is not -100."""
-    # logits (B, T, V) predict labels shifted by one
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        labels[:, 1:].flatten(),
-        ignore_index=-100,
-        reduction="sum",
-    )
-
-
-def example_order(n: int, seed: int, position: int) -> int:
-    """Index of the example at global ``position``: a fresh seeded permutation per epoch."""
-    epoch, offset = divmod(position, n)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return int(torch.randperm(n, generator=g)[offset])
-
-
-# -- optimizer state as safetensors + JSON (no pickle) ----------------------------------------
-
-
-def save_optimizer(opt: torch.optim.Optimizer, sched: Any, folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    state = opt.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, s in state["state"].items():
-        for key, value in s.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous().reshape(-1).clone()
-                scalars.setdefault(str(idx), {})[key] = list(value.shape)
-            else:
-                scalars.setdefault(str(idx), {})[key] = {"value": value}
-    save_file(tensors, str(folder / "optimizer.safetensors"))
-    meta = {
-        "param_groups": state["param_groups"],
-        "state": scalars,
-        "scheduler": sched.state_dict(),
-    }
-    atomic_write_json(folder / "optimizer.json", meta)
-
-
-def load_optimizer(opt: torch.optim.Optimizer, sched: Any, folder: Path) -> None:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(folder / "optimizer.safetensors"))
-    meta = read_json(folder / "optimizer.json")
-    state: dict[int, dict[str, Any]] = {}
-    for idx, entries in meta["state"].items():
-        s: dict[str, Any] = {}
-        for key, shape in entries.items():
-            s[key] = (
-                shape["value"]
-                if isinstance(shape, dict)
-                else tensors[f"{idx}.{key}"].reshape(shape)
-            )
-        state[int(idx)] = s
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    sched.load_state_dict(meta["scheduler"])
-
-
-# -- the training loop ------------------------------------------------------------------------
 
 
 def train_sft(cfg: SFTConfig) -> Path:
     """Fine-tune ``cfg.model`` and return the output folder (see module doc)."""
-    from transformers import get_cosine_schedule_with_warmup
-
     from sftlens.data import resolve_dataset
-    from sftlens.data.prompts import format_chat, format_question, format_target
     from sftlens.models.loading import load_model, resolve_model
     from sftlens.run import make_out_folder
 
     out = make_out_folder(cfg.out)  # a bad --out fails now, not after the training
     model_dir = resolve_model(cfg.model)
     examples = resolve_dataset(cfg.data, split=cfg.split, limit=cfg.max_examples, seed=cfg.seed)
-    key = _hash(cfg, model_dir, examples)
+    key = config_key(cfg, model_dir, examples)
     state_path = out / "trainer_state.json"
     if state_path.is_file() and read_json(state_path).get("config_hash") == key:
         log.info("SFT already finished in %s (same config, model and data): reusing it", out)
@@ -163,19 +76,12 @@ def train_sft(cfg: SFTConfig) -> Path:
 
     # one process: a no-op wrapper; under torchrun / accelerate launch: DDP over the ranks
     accel = Accelerator(cpu=cfg.device == "cpu")
-    rank, world = accel.process_index, accel.num_processes
     torch.manual_seed(cfg.seed)
     model, tok = load_model(
         ckpt if resume else model_dir, dtype=cfg.dtype, device=str(accel.device)
     )
     model.train()
-    device = accel.device
-
-    def prompt_of(q: str) -> str:
-        return format_chat(tok, q) if cfg.prompt_format == "chat" else format_question(q)
-
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = get_cosine_schedule_with_warmup(opt, math.ceil(cfg.warmup_ratio * cfg.steps), cfg.steps)
+    opt, sched = make_optimizer(cfg, list(model.parameters()))
     start, history = 0, []
     if resume:
         load_optimizer(opt, sched, ckpt)
@@ -184,74 +90,24 @@ def train_sft(cfg: SFTConfig) -> Path:
         log.info("resuming SFT from step %d in %s", start, ckpt)
     model, opt = accel.prepare(model, opt)
 
-    # global batch = batch_size x grad_accum x world; rank r takes its own slice of each
-    # micro-batch's positions, so every rank sees different examples in the same seeded order
-    per_step = cfg.batch_size * cfg.grad_accum * world
-    bar = tqdm(
-        total=cfg.steps,
-        initial=start,
-        desc="sft",
-        unit="step",
-        disable=not (cfg.progress and accel.is_main_process),
-    )
+    def checkpoint(history: list[dict[str, Any]]) -> None:
+        state = {"step": history[-1]["step"], "history": history, "config_hash": key}
+        _save(accel.unwrap_model(model), tok, ckpt, state, unwrap_optimizer(opt), sched)
+
     t0 = time.perf_counter()
-    for step in range(start, cfg.steps):
-        micro = []
-        for m in range(cfg.grad_accum):
-            batch = []
-            for j in range(cfg.batch_size):
-                position = step * per_step + (m * world + rank) * cfg.batch_size + j
-                ex = examples[example_order(len(examples), cfg.seed, position)]
-                batch.append(
-                    encode_example(
-                        tok, prompt_of(ex.question), format_target(ex.answer), cfg.max_length
-                    )
-                )
-            micro.append(collate(batch, tok.pad_token_id))
-        n_tokens = accel.reduce(  # answer tokens of the whole global batch
-            torch.tensor(
-                sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), device=device
-            ),
-            reduction="sum",
-        ).item()
-        if n_tokens == 0:
-            raise SftlensError(
-                f"step {step}: no answer tokens survive --max-length {cfg.max_length}; raise it"
-            )
-        total = 0.0
-        for b in micro:
-            b = {k: v.to(device) for k, v in b.items()}
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            # DDP averages gradients over ranks: scale by world so the step's gradient is the
-            # mean over every answer token of the global batch
-            loss = answer_loss_sum(logits, b["labels"]) * world / n_tokens
-            accel.backward(loss)
-            total += loss.item() / world
-        total = float(accel.reduce(torch.tensor(total, device=device), reduction="sum"))
-        if not math.isfinite(total):
-            raise SftlensError(f"SFT loss became {total} at step {step}; lower --lr")
-        if cfg.max_grad_norm > 0:
-            accel.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        lr = opt.param_groups[0]["lr"]  # the rate this step applies (the scheduler moves on after)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        history.append({"step": step + 1, "loss": total, "tokens": n_tokens, "lr": lr})
-        bar.set_postfix(loss=f"{total:.3f}")
-        bar.update(1)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            accel.wait_for_everyone()
-            if accel.is_main_process:
-                _save(
-                    accel.unwrap_model(model),
-                    tok,
-                    out / CHECKPOINT,
-                    {"step": step + 1, "history": history, "config_hash": key},
-                    opt.optimizer if hasattr(opt, "optimizer") else opt,
-                    sched,
-                )
-            accel.wait_for_everyone()
-    bar.close()
+    history = train_loop(
+        cfg,
+        accel=accel,
+        model=model,
+        opt=opt,
+        sched=sched,
+        tok=tok,
+        examples=examples,
+        start=start,
+        history=history,
+        desc="SFT",
+        checkpoint=checkpoint,
+    )
     state = {
         "step": cfg.steps,
         "history": history,
@@ -261,12 +117,12 @@ def train_sft(cfg: SFTConfig) -> Path:
         "train_examples": len(examples),
         "train_tokens": sum(h["tokens"] for h in history),
         "seconds_this_run": time.perf_counter() - t0,
-        "world_size": world,
+        "world_size": accel.num_processes,
     }
     accel.wait_for_everyone()
     if accel.is_main_process:
         _save(accel.unwrap_model(model), tok, out, state)
-        shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+        shutil.rmtree(ckpt, ignore_errors=True)
     accel.wait_for_everyone()
     return out
 

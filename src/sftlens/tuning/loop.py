@@ -1,0 +1,250 @@
+"""The training loop that ``sft`` and ``tune`` share: data encoding and order, answer-only loss,
+gradient accumulation, data parallelism through accelerate, resumable optimizer state.
+
+Loss is on answer tokens only (prompt and padding are masked with -100), averaged over the
+answer tokens of each optimizer step. AdamW with linear warmup then cosine decay, gradient
+accumulation, a fixed seed for data order. Optimizer and scheduler state are saved as
+safetensors + JSON (no pickle). Under ``torchrun`` / ``accelerate launch`` every rank takes its
+own slice of each micro-batch's positions, so the global batch is the same examples in the same
+order as one process with ``world`` times the micro-batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sftlens.config import TrainConfig
+from sftlens.errors import SftlensError
+from sftlens.io import atomic_write_json, config_hash, read_json
+
+# Config fields that do not change the trained weights: ignore them when deciding to resume.
+NOT_HASHED = {"out", "progress", "save_every", "device"}
+
+
+def config_key(
+    cfg: TrainConfig,
+    model_dir: Path,
+    examples: list[Any],
+    ignore: frozenset[str] = frozenset(),
+    **extra: Any,
+) -> str:
+    """What decides the trained weights: the options (less :data:`NOT_HASHED` and ``ignore``),
+    the starting checkpoint's bytes, the training examples themselves (an edited data file or
+    checkpoint at the same path retrains) and ``extra`` (what a command resolves from its
+    options, e.g. the layers a mask selects)."""
+    from sftlens.run import fingerprint
+
+    skip = NOT_HASHED | ignore
+    d: dict[str, Any] = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
+    d["model"] = str(model_dir)
+    d["model_files"] = fingerprint(model_dir)["files"]
+    d["examples"] = config_hash([[e.question, e.answer] for e in examples])
+    d.update(extra)
+    return config_hash(d)
+
+
+def encode_example(
+    tok: Any, prompt: str, target: str, max_length: int
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels (-100 on the prompt) for one example, EOS appended to the answer."""
+    p = tok(prompt, add_special_tokens=True)["input_ids"]
+    t = tok(target, add_special_tokens=False)["input_ids"]
+    if tok.eos_token_id is not None:
+        t = [*t, tok.eos_token_id]
+    ids = (p + t)[:max_length]
+    labels = ([-100] * len(p) + t)[:max_length]
+    return ids, labels
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch: ``input_ids``/``attention_mask``/``labels`` all (B, T)."""
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (x, y) in enumerate(batch):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def answer_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over positions whose label is not -100."""
+    # logits (B, T, V) predict labels shifted by one
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        labels[:, 1:].flatten(),
+        ignore_index=-100,
+        reduction="sum",
+    )
+
+
+def example_order(n: int, seed: int, position: int) -> int:
+    """Index of the example at global ``position``: a fresh seeded permutation per epoch."""
+    epoch, offset = divmod(position, n)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return int(torch.randperm(n, generator=g)[offset])
+
+
+# -- optimizer state as safetensors + JSON (no pickle) ----------------------------------------
+
+
+def save_optimizer(opt: torch.optim.Optimizer, sched: Any, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, s in state["state"].items():
+        for key, value in s.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous().reshape(-1).clone()
+                scalars.setdefault(str(idx), {})[key] = list(value.shape)
+            else:
+                scalars.setdefault(str(idx), {})[key] = {"value": value}
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    meta = {
+        "param_groups": state["param_groups"],
+        "state": scalars,
+        "scheduler": sched.state_dict(),
+    }
+    atomic_write_json(folder / "optimizer.json", meta)
+
+
+def load_optimizer(opt: torch.optim.Optimizer, sched: Any, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    meta = read_json(folder / "optimizer.json")
+    state: dict[int, dict[str, Any]] = {}
+    for idx, entries in meta["state"].items():
+        s: dict[str, Any] = {}
+        for key, shape in entries.items():
+            s[key] = (
+                shape["value"]
+                if isinstance(shape, dict)
+                else tensors[f"{idx}.{key}"].reshape(shape)
+            )
+        state[int(idx)] = s
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    sched.load_state_dict(meta["scheduler"])
+
+
+def train_loop(
+    cfg: TrainConfig,
+    *,
+    accel: Any,
+    model: Any,
+    opt: Any,
+    sched: Any,
+    tok: Any,
+    examples: Sequence[Any],
+    start: int,
+    history: list[dict[str, Any]],
+    desc: str,
+    checkpoint: Callable[[list[dict[str, Any]]], None],
+) -> list[dict[str, Any]]:
+    """Run steps ``start .. cfg.steps - 1`` and return the history (one dict per step).
+
+    ``model`` and ``opt`` come from ``accel.prepare``. Each step appends ``{"step", "loss",
+    "tokens", "lr", "seconds"}`` (``seconds``: wall time of the step, data encoding included).
+    Every ``cfg.save_every`` steps (not after the last) the main process calls
+    ``checkpoint(history)`` between two barriers. Before each step the torch RNG is seeded from
+    ``(seed, step, rank)``, so random layers (dropout) draw the same after a resume.
+    """
+    from sftlens.data.prompts import format_chat, format_question, format_target
+
+    def prompt_of(q: str) -> str:
+        return format_chat(tok, q) if cfg.prompt_format == "chat" else format_question(q)
+
+    rank, world, device = accel.process_index, accel.num_processes, accel.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    # global batch = batch_size x grad_accum x world; rank r takes its own slice of each
+    # micro-batch's positions, so every rank sees different examples in the same seeded order
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start,
+        desc=desc,
+        unit="step",
+        disable=not (cfg.progress and accel.is_main_process),
+    )
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
+        micro = []
+        for m in range(cfg.grad_accum):
+            batch = []
+            for j in range(cfg.batch_size):
+                position = step * per_step + (m * world + rank) * cfg.batch_size + j
+                ex = examples[example_order(len(examples), cfg.seed, position)]
+                batch.append(
+                    encode_example(
+                        tok, prompt_of(ex.question), format_target(ex.answer), cfg.max_length
+                    )
+                )
+            micro.append(collate(batch, tok.pad_token_id))
+        n_tokens = accel.reduce(  # answer tokens of the whole global batch
+            torch.tensor(
+                sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), device=device
+            ),
+            reduction="sum",
+        ).item()
+        if n_tokens == 0:
+            raise SftlensError(
+                f"step {step}: no answer tokens survive --max-length {cfg.max_length}; raise it"
+            )
+        total = 0.0
+        for b in micro:
+            b = {k: v.to(device) for k, v in b.items()}
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            # DDP averages gradients over ranks: scale by world so the step's gradient is the
+            # mean over every answer token of the global batch
+            loss = answer_loss_sum(logits, b["labels"]) * world / n_tokens
+            accel.backward(loss)
+            total += loss.item() / world
+        total = float(accel.reduce(torch.tensor(total, device=device), reduction="sum"))
+        if not math.isfinite(total):
+            raise SftlensError(f"{desc} loss became {total} at step {step}; lower --lr")
+        if cfg.max_grad_norm > 0:
+            accel.clip_grad_norm_(params, cfg.max_grad_norm)
+        lr = opt.param_groups[0]["lr"]  # the rate this step applies (the scheduler moves on after)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+        history.append(
+            {"step": step + 1, "loss": total, "tokens": n_tokens, "lr": lr, "seconds": seconds}
+        )
+        bar.set_postfix(loss=f"{total:.3f}")
+        bar.update(1)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            accel.wait_for_everyone()
+            if accel.is_main_process:
+                checkpoint(history)
+            accel.wait_for_everyone()
+    bar.close()
+    return history
+
+
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> tuple[Any, Any]:
+    """AdamW over ``params`` and its linear-warmup + cosine schedule over ``cfg.steps``."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, math.ceil(cfg.warmup_ratio * cfg.steps), cfg.steps)
+    return opt, sched
+
+
+def unwrap_optimizer(opt: Any) -> Any:
+    """The torch optimizer inside accelerate's wrapper (what :func:`save_optimizer` takes)."""
+    return opt.optimizer if hasattr(opt, "optimizer") else opt
