@@ -161,7 +161,9 @@ def test_torchrun_two_gloo_ranks_train_the_same_lora_adapter_as_one_process(tiny
 
     _torchrun_two_ranks(args(2, "ddp"), port=29535)
     assert main(args(4, "single")) == 0  # one process, twice the micro-batch: same global batch
-    ddp, single = (json.loads((tmp_path / o / "summary.json").read_text()) for o in ("ddp", "single"))
+    ddp, single = (
+        json.loads((tmp_path / o / "summary.json").read_text()) for o in ("ddp", "single")
+    )
     assert ddp["world_size"] == 2 and single["world_size"] == 1
     assert ddp["layers"] == single["layers"] == [1, 2, 3]
     hd, hs = (
@@ -171,7 +173,9 @@ def test_torchrun_two_gloo_ranks_train_the_same_lora_adapter_as_one_process(tiny
     assert [h["tokens"] for h in hd] == [h["tokens"] for h in hs]
     for a, b in zip(hd, hs):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    wa, wb = (load_file(tmp_path / o / "adapter" / "adapter_model.safetensors") for o in ("ddp", "single"))
+    wa, wb = (
+        load_file(tmp_path / o / "adapter" / "adapter_model.safetensors") for o in ("ddp", "single")
+    )
     assert wa.keys() == wb.keys() and len(wa) == 3 * 4 * 2
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)

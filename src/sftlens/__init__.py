@@ -20,6 +20,7 @@ _API = {
     "swap",
     "interpolate",
     "tune",
+    "sweep",
     "report",
     "load_model",
     "resolve_model",

@@ -21,6 +21,7 @@ from sftlens.config import (
     ProbeConfig,
     SFTConfig,
     SwapConfig,
+    SweepConfig,
     TuneConfig,
     WeightsConfig,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "sft",
     "swap",
     "tune",
+    "sweep",
     "weights",
 ]
 
@@ -276,6 +278,18 @@ def tune(model: str, **options: Any) -> Path:
     from sftlens.tuning.tune import run_tune
 
     return run_tune(TuneConfig(model=model, **options))
+
+
+def sweep(model: str, **options: Any) -> Path:
+    """Tune every mask of ``masks`` (baseline ``11111`` first) and score each on held-out
+    problems; returns the run folder (``sweep.csv``, ``summary.json``, report).
+
+    Options are the fields of :class:`sftlens.config.SweepConfig`: ``masks``, ``seeds``,
+    ``heldout``, ``gsm8k`` and every training option of ``tune``.
+    """
+    from sftlens.tuning.sweep import run_sweep
+
+    return run_sweep(SweepConfig(model=model, **options))
 
 
 def evaluate(model: str, **options: Any) -> Path:

@@ -19,6 +19,7 @@ from sftlens.config import (
     ProbeConfig,
     SFTConfig,
     SwapConfig,
+    SweepConfig,
     TuneConfig,
     WeightsConfig,
     add_arguments,
@@ -43,6 +44,12 @@ def _sft(ns: argparse.Namespace) -> Any:
     from sftlens.tuning.sft import train_sft
 
     return train_sft(from_namespace(SFTConfig, ns))
+
+
+def _sweep(ns: argparse.Namespace) -> Any:
+    from sftlens.tuning.sweep import run_sweep
+
+    return run_sweep(from_namespace(SweepConfig, ns))
 
 
 def _tune(ns: argparse.Namespace) -> Any:
@@ -110,6 +117,11 @@ COMMANDS: dict[str, tuple[type | None, Callable[[argparse.Namespace], Any], str]
         TuneConfig,
         _tune,
         "LoRA on the layers of a mask only (01100: the middle blocks), budget-matched",
+    ),
+    "sweep": (
+        SweepConfig,
+        _sweep,
+        "tune and score several masks (baseline 11111 first) under one budget; sweep.csv",
     ),
     "eval": (
         EvalConfig,

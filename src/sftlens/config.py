@@ -226,7 +226,9 @@ class TuneConfig(TrainConfig):
 
         super().__post_init__()
         auto = self.mask.strip().lower() == "auto"
-        _check(not auto or bool(self.from_run), "--mask auto needs --from RUN_DIR (an analysis run)")
+        _check(
+            not auto or bool(self.from_run), "--mask auto needs --from RUN_DIR (an analysis run)"
+        )
         _check(
             auto or self.from_run is None,
             "--from is read only by --mask auto; drop it or pass --mask auto",
@@ -235,9 +237,7 @@ class TuneConfig(TrainConfig):
             parse_layer_selection(self.mask, None)  # syntax now; the range once L is known
         _check(self.blocks >= 1, f"--blocks must be >= 1, got {self.blocks}")
         _check(self.rank >= 1, f"--rank must be >= 1, got {self.rank}")
-        _check(
-            self.alpha is None or self.alpha > 0, f"--alpha must be > 0, got {self.alpha}"
-        )
+        _check(self.alpha is None or self.alpha > 0, f"--alpha must be > 0, got {self.alpha}")
         _check(self.alpha_ratio > 0, f"--alpha-ratio must be > 0, got {self.alpha_ratio}")
         _check(
             0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"
@@ -247,6 +247,61 @@ class TuneConfig(TrainConfig):
             self.targets in TARGET_GROUPS or all(n in TARGET_PROJS for n in names),
             f"--targets must be one of {', '.join(TARGET_GROUPS)} or a list of "
             f"{', '.join(TARGET_PROJS)}, got '{self.targets}'",
+        )
+
+
+@dataclass
+class SweepConfig(TuneConfig):
+    """``sftlens sweep MODEL --masks 11111,01000,...``: tune and score each mask, compared.
+
+    Every training option of :class:`TuneConfig` applies to each mask alike (same seed, data
+    order, steps and, with budget matching, total rank). Work: :mod:`sftlens.tuning.sweep`.
+    """
+
+    _command: ClassVar[str] = "sweep"
+
+    out: str = arg("runs/sweep", help="run folder (sweep.csv, report; one tune/ folder per mask)")
+    mask: str = field(default="11111", init=False, repr=False)  # each item sets its own
+    masks: str = arg(
+        "11111,10000,01000,00100,00010,00001,01100,01110",
+        help="comma-separated masks of --blocks characters (leftmost = bottom block), 'all' "
+        "(every non-empty mask), and 'auto' (what sftlens suggest proposes from --from RUN); "
+        "the all-layers baseline always runs first",
+    )
+    from_run: str | None = arg(
+        None, aliases=("--from",), help="analysis run folder whose evidence 'auto' reads"
+    )
+    seeds: str = arg("0", help="seeds to repeat every mask with (e.g. 0,1: see run-to-run noise)")
+    heldout: int = arg(64, help="test problems for the held-out answer_nll / answer_token_acc")
+    gsm8k: int = arg(0, help="also score greedy GSM8K accuracy on the first N test problems")
+    shots: int = arg(5, help="solved exemplars before each GSM8K question (with --gsm8k)")
+    max_new_tokens: int = arg(256, help="generation bound for --gsm8k")
+    eval_batch_size: int = arg(16, help="sequences generated together for --gsm8k")
+
+    def __post_init__(self) -> None:
+        from sftlens.tuning.sweep import parse_masks, parse_seeds
+
+        shared = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(TuneConfig)
+            if f.init and f.name != "from_run"
+        }
+        TuneConfig(**shared)  # the training options, checked as tune checks them
+        masks = parse_masks(self.masks, self.blocks)
+        _check(
+            "auto" not in masks or bool(self.from_run),
+            "--masks auto needs --from RUN_DIR (an analysis run folder)",
+        )
+        parse_seeds(self.seeds)
+        _check(self.heldout >= 1, f"--heldout must be >= 1, got {self.heldout}")
+        _check(self.gsm8k >= 0, f"--gsm8k must be >= 0, got {self.gsm8k}")
+        _check(self.shots >= 0, f"--shots must be >= 0, got {self.shots}")
+        _check(
+            self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"
+        )
+        _check(
+            self.eval_batch_size >= 1,
+            f"--eval-batch-size must be >= 1, got {self.eval_batch_size}",
         )
 
 

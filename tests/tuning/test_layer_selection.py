@@ -84,7 +84,9 @@ def test_a_depth_range_of_block_bounds_is_that_block(num_layers, k):
         ("1/0-1", 30, None, "divides by zero"),
     ],
 )
-def test_bad_selections_are_one_line_errors_with_the_allowed_forms(text, num_layers, num_blocks, why):
+def test_bad_selections_are_one_line_errors_with_the_allowed_forms(
+    text, num_layers, num_blocks, why
+):
     with pytest.raises(SftlensError) as info:
         parse_layer_selection(text, num_layers, num_blocks)
     message = str(info.value)

@@ -187,7 +187,9 @@ def _lora_ranks(peft_model) -> dict[int, int]:
     return out
 
 
-@pytest.mark.parametrize(("layers", "r_mask"), [([0, 1, 2, 3, 4], 8), ([3, 4], 20), ([1, 2, 3], 13)])
+@pytest.mark.parametrize(
+    ("layers", "r_mask"), [([0, 1, 2, 3, 4], 8), ([3, 4], 20), ([1, 2, 3], 13)]
+)
 def test_peft_model_carries_the_budget_rank_and_the_alpha_policy(layers, r_mask):
     model = _tiny_model()
     plan = _plan(model, layers)
@@ -221,7 +223,9 @@ def test_targets_come_from_the_architecture_layer():
     assert {n.split(".lora_")[0] for n, _ in peft_model.named_parameters() if "lora_" in n} == {
         f"base_model.model.transformer.h.1.{m}" for m in plan.target_modules
     }
-    with pytest.raises(SftlensError, match="gpt2 blocks have no projection q, gate; available: qkv, o"):
+    with pytest.raises(
+        SftlensError, match="gpt2 blocks have no projection q, gate; available: qkv, o"
+    ):
         _plan(gpt2, [0], targets="q,gate")
 
 
@@ -249,7 +253,9 @@ def _fro(x: np.ndarray) -> float:
 @pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
 def test_lora_dw_matches_an_independent_float64_computation(family):
     model = (
-        _tiny_model() if family == "llama" else AutoModelForCausalLM.from_config(tiny_config(family))
+        _tiny_model()
+        if family == "llama"
+        else AutoModelForCausalLM.from_config(tiny_config(family))
     )
     cfg = model.config
     plan = _plan(model, [1], targets="attn+mlp", alpha=3.0)
@@ -299,7 +305,9 @@ def test_lora_dw_matches_an_independent_float64_computation(family):
 # -- the adapter through plain PEFT -------------------------------------------------------------
 
 
-def test_saved_adapter_reloads_through_plain_peft_with_identical_logits(tiny_pair, tmp_path, monkeypatch):
+def test_saved_adapter_reloads_through_plain_peft_with_identical_logits(
+    tiny_pair, tmp_path, monkeypatch
+):
     from peft import PeftModel
 
     base, _ = tiny_pair
@@ -351,7 +359,9 @@ def test_cli_end_to_end_writes_the_output_contract_and_reuses_a_finished_run(
     assert SUMMARY_KEYS <= s.keys()
     assert s["layers"] == [2, 3, 4] and s["layer_range"] == "2-4"
     assert s["rank_per_layer"] == 13 and s["alpha"] == 26.0  # round(8 * 5 / 3), alpha/r = 2
-    assert s["trainable_params"] == 3 * 13 * (2 * 32 + 2 * 32 + 2 * (32 + 16))  # q,o 32x32; k,v 16x32
+    assert s["trainable_params"] == 3 * 13 * (
+        2 * 32 + 2 * 32 + 2 * (32 + 16)
+    )  # q,o 32x32; k,v 16x32
     assert s["steps"] == 2 and s["final_loss"] == _history(out)[-1]["loss"]
     history = _history(out)
     assert [set(h) for h in history] == [{"step", "loss", "tokens", "lr", "seconds"}] * 2

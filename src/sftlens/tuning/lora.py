@@ -233,6 +233,11 @@ def lora_dw_rows(model: nn.Module, plan: LoraPlan) -> list[Row]:
             sq[group] = sq.get(group, 0.0) + sum(sq[p] for p in parts)
         for key, value in sq.items():
             rows.append(
-                {"model": "pair", "layer": layer, "metric": f"lora_dw_{key}", "value": math.sqrt(value)}
+                {
+                    "model": "pair",
+                    "layer": layer,
+                    "metric": f"lora_dw_{key}",
+                    "value": math.sqrt(value),
+                }
             )
     return rows

@@ -147,8 +147,10 @@ def heldout_scores(cfg: SweepConfig, adapter: Path, prompts: list[str], targets:
 
     model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     model = load_adapter(model, adapter)
+    # whole answers, whatever --max-length cut in training: only the model's context bounds them
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     s = answer_scores(
-        model, tok, prompts, targets, batch_size=cfg.batch_size, max_length=cfg.max_length
+        model, tok, prompts, targets, batch_size=cfg.batch_size, max_length=context or 4096
     )
     return {"answer_nll": s.answer_nll, "answer_token_acc": s.answer_token_acc}
 
@@ -187,14 +189,12 @@ def run_sweep(cfg: SweepConfig) -> Path:
     from sftlens.data import resolve_dataset
     from sftlens.data.prompts import format_question, format_target
     from sftlens.experiments.swap import ItemLog
-    from sftlens.models.checkpoint import CheckpointReader
     from sftlens.models.loading import resolve_model
-    from sftlens.models.surgery import num_layers
     from sftlens.run import RunFolder, fingerprint
-    from sftlens.tuning.tune import run_tune
+    from sftlens.tuning import tune
 
     model_dir = resolve_model(cfg.model)
-    n_layers = num_layers(CheckpointReader(model_dir).config)
+    n_layers = tune._num_layers(model_dir)
     masks = parse_masks(cfg.masks, cfg.blocks)
     seeds = parse_seeds(cfg.seeds)
     if n_layers < cfg.blocks:
@@ -239,7 +239,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
             continue
         log.info("sweep %d/%d: mask %s, seed %d", i + 1, len(items), mask, seed)
         folder = run.path / "tune" / name
-        tuned = run_tune(tune_config(cfg, mask, seed, folder))
+        tuned = tune.run_tune(tune_config(cfg, mask, seed, folder))
         result: Row = dict(read_json(tuned / "summary.json"))
         result.update(heldout_scores(cfg, tuned / "adapter", prompts, targets))
         if cfg.gsm8k:

@@ -70,9 +70,7 @@ def select_layers(cfg: TuneConfig, num_layers: int) -> tuple[Selection, list[str
             "(sftlens weights / analyze / demo --out DIR)"
         )
     suggestion = suggest_mask(run_dir, cfg.blocks)
-    return parse_layer_selection(suggestion.mask, num_layers, cfg.blocks), list(
-        suggestion.evidence
-    )
+    return parse_layer_selection(suggestion.mask, num_layers, cfg.blocks), list(suggestion.evidence)
 
 
 def _num_layers(model_dir: Path) -> int:
@@ -110,9 +108,7 @@ def run_tune(cfg: TuneConfig) -> Path:
     for line in evidence:
         log.info("  %s", line)
     # the layers decide, not how they were written (01100, 6:18, 0.2-0.6 or auto)
-    key = config_key(
-        cfg, model_dir, examples, _SELECTION_FIELDS, layers=list(selection.layers)
-    )
+    key = config_key(cfg, model_dir, examples, _SELECTION_FIELDS, layers=list(selection.layers))
     state_path = out / "trainer_state.json"
     if (
         state_path.is_file()
