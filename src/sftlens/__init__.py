@@ -21,6 +21,7 @@ _API = {
     "interpolate",
     "tune",
     "suggest",
+    "sweep",
     "report",
     "load_model",
     "resolve_model",

@@ -22,6 +22,7 @@ from sftlens.config import (
     SFTConfig,
     SuggestConfig,
     SwapConfig,
+    SweepConfig,
     TuneConfig,
     WeightsConfig,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "sft",
     "suggest",
     "swap",
+    "sweep",
     "tune",
     "weights",
 ]
@@ -281,6 +283,18 @@ def tune(model: str, **options: Any) -> Path:
     from sftlens.tuning.tune import run_tune
 
     return run_tune(TuneConfig(model=model, **options))
+
+
+def sweep(model: str, **options: Any) -> Path:
+    """Tune every mask of ``masks`` (baseline ``11111`` first) and score each on held-out
+    problems; returns the run folder (``sweep.csv``, ``summary.json``, report).
+
+    Options are the fields of :class:`sftlens.config.SweepConfig`: ``masks``, ``seeds``,
+    ``heldout``, ``gsm8k`` and every training option of ``tune``.
+    """
+    from sftlens.tuning.sweep import run_sweep
+
+    return run_sweep(SweepConfig(model=model, **options))
 
 
 def evaluate(model: str, **options: Any) -> Path:

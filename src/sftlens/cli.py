@@ -20,6 +20,7 @@ from sftlens.config import (
     SFTConfig,
     SuggestConfig,
     SwapConfig,
+    SweepConfig,
     TuneConfig,
     WeightsConfig,
     add_arguments,
@@ -44,6 +45,12 @@ def _sft(ns: argparse.Namespace) -> Any:
     from sftlens.tuning.sft import train_sft
 
     return train_sft(from_namespace(SFTConfig, ns))
+
+
+def _sweep(ns: argparse.Namespace) -> Any:
+    from sftlens.tuning.sweep import run_sweep
+
+    return run_sweep(from_namespace(SweepConfig, ns))
 
 
 def _tune(ns: argparse.Namespace) -> Any:
@@ -117,6 +124,11 @@ COMMANDS: dict[str, tuple[type | None, Callable[[argparse.Namespace], Any], str]
         TuneConfig,
         _tune,
         "LoRA on the layers of a mask only (01100: the middle blocks), budget-matched",
+    ),
+    "sweep": (
+        SweepConfig,
+        _sweep,
+        "tune and score several masks (baseline 11111 first) under one budget; sweep.csv",
     ),
     "eval": (
         EvalConfig,

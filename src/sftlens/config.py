@@ -624,3 +624,57 @@ class SuggestConfig:
         _check(self.max_width >= 1, f"--max-width must be >= 1, got {self.max_width}")
         _check(0 <= self.min_depth <= 0.5, f"--min-depth must be in [0, 0.5], got {self.min_depth}")
         _check(0.5 <= self.max_depth <= 1, f"--max-depth must be in [0.5, 1], got {self.max_depth}")
+
+
+@dataclass
+class SweepConfig(TuneConfig):
+    """``sftlens sweep MODEL --masks 11111,01000,...``: tune and score each mask, compared.
+
+    Every training option of :class:`TuneConfig` applies to each mask alike (same seed, data
+    order, steps and, with budget matching, total rank). Work: :mod:`sftlens.tuning.sweep`.
+    """
+
+    _command: ClassVar[str] = "sweep"
+
+    out: str = arg("runs/sweep", help="run folder (sweep.csv, report; one tune/ folder per mask)")
+    mask: str = field(default="11111", init=False, repr=False)  # each item sets its own
+    masks: str = arg(
+        "11111,10000,01000,00100,00010,00001,01100,01110",
+        help="comma-separated masks of --blocks characters (leftmost = bottom block), 'all' "
+        "(every non-empty mask), and 'auto' (what sftlens suggest proposes from --from RUN); "
+        "the all-layers baseline always runs first",
+    )
+    from_run: str | None = arg(
+        None, aliases=("--from",), help="analysis run folder whose evidence 'auto' reads"
+    )
+    seeds: str = arg("0", help="seeds to repeat every mask with (e.g. 0,1: see run-to-run noise)")
+    heldout: int = arg(64, help="test problems for the held-out answer_nll / answer_token_acc")
+    gsm8k: int = arg(0, help="also score greedy GSM8K accuracy on the first N test problems")
+    shots: int = shots_arg()
+    chat: bool = chat_arg()
+    max_new_tokens: int = max_new_tokens_arg()
+    fewshot_data: str | None = fewshot_data_arg()
+    eval_batch_size: int = arg(16, help="sequences generated together for --gsm8k")
+
+    def __post_init__(self) -> None:
+        from sftlens.tuning.sweep import parse_masks, parse_seeds
+
+        shared = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(TuneConfig)
+            if f.init and f.name != "from_run"
+        }
+        TuneConfig(**shared)  # the training options, checked as tune checks them
+        masks = parse_masks(self.masks, self.blocks)
+        _check(
+            "auto" not in masks or bool(self.from_run),
+            "--masks auto needs --from RUN_DIR (an analysis run folder)",
+        )
+        parse_seeds(self.seeds)
+        _check(self.heldout >= 1, f"--heldout must be >= 1, got {self.heldout}")
+        _check(self.gsm8k >= 0, f"--gsm8k must be >= 0, got {self.gsm8k}")
+        check_generation(self)
+        _check(
+            self.eval_batch_size >= 1,
+            f"--eval-batch-size must be >= 1, got {self.eval_batch_size}",
+        )

@@ -24,6 +24,7 @@ from sftlens.config import (
     SFTConfig,
     SuggestConfig,
     SwapConfig,
+    SweepConfig,
     TuneConfig,
     WeightsConfig,
 )
@@ -129,6 +130,17 @@ CASES: list[tuple[type, dict, str]] = [
     (SuggestConfig, {"min_depth": -0.1}, "--min-depth must be in [0, 0.5], got -0.1"),
     (SuggestConfig, {"max_depth": 0.4}, "--max-depth must be in [0.5, 1], got 0.4"),
     (SuggestConfig, {"max_depth": 1.5}, "--max-depth must be in [0.5, 1], got 1.5"),
+    (
+        SweepConfig,
+        {"masks": "11111,auto"},
+        "--masks auto needs --from RUN_DIR (an analysis run folder)",
+    ),
+    (SweepConfig, {"heldout": 0}, "--heldout must be >= 1, got 0"),
+    (SweepConfig, {"gsm8k": -1}, "--gsm8k must be >= 0, got -1"),
+    (SweepConfig, {"shots": -1}, "--shots must be >= 0, got -1"),
+    (SweepConfig, {"eval_batch_size": 0}, "--eval-batch-size must be >= 1, got 0"),
+    (SweepConfig, {"steps": 0}, "--steps must be >= 1, got 0"),
+    (SweepConfig, {"split": "test"}, "tune refuses to train on the test split; use --split train"),
 ]
 # checks outside _check (parsers shared with the commands): the message ends with the forms
 PARSED_CASES: list[tuple[type, dict, str]] = [

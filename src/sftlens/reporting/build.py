@@ -54,11 +54,12 @@ _EXPERIMENT_SECTIONS = (
     "sftlens.experiments.interpolate",
     "sftlens.tuning.tune",
     "sftlens.tuning.suggest",
+    "sftlens.tuning.sweep",
 )
 
 
 RUN_FILES = ("config.json", "metrics.csv", "summary.json")
-_MAKERS = "sftlens weights, analyze, eval, probe, swap, interpolate, tune or demo"
+_MAKERS = "sftlens weights, analyze, eval, probe, swap, interpolate, tune, sweep or demo"
 
 
 def build_report(run: Path) -> Path:

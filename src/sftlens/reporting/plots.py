@@ -358,3 +358,48 @@ def plot_probe(rows: Sequence[Row], plots_dir: str | Path) -> list[Path]:
         if curves:
             out.append(plot_layers(plots_dir / f"{metric}.png", curves, title=title, ylabel=ylabel))
     return out
+
+
+def plot_sweep(rows: Sequence[Row], path: str | Path, metric: str = "answer_nll") -> Path | None:
+    """Held-out ``metric`` per swept mask (bars: mean over seeds, dots: each seed).
+
+    The baseline (all ones) is drawn as a dashed line, so a mask below it (for NLL) beat it;
+    the dots show the seed-to-seed noise next to every difference.
+    """
+    rows = [r for r in rows if r.get(metric) is not None]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    masks = list(dict.fromkeys(r["mask"] for r in rows))
+    by_mask = {m: [r[metric] for r in rows if r["mask"] == m] for m in masks}
+    means = [sum(v) / len(v) for v in by_mask.values()]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.75 * len(masks) + 2.5), 3.8), dpi=110)
+    colors = [
+        "#dd8452" if any(r.get("suggested") for r in rows if r["mask"] == m) else "#4c72b0"
+        for m in masks
+    ]
+    ax.bar(range(len(masks)), means, color=colors, zorder=2)
+    for i, m in enumerate(masks):
+        ax.scatter([i] * len(by_mask[m]), by_mask[m], color="k", s=10, zorder=3)
+    base = next((i for i, m in enumerate(masks) if set(m) == {"1"}), None)
+    if base is not None:
+        ax.axhline(means[base], color="k", linestyle="--", linewidth=1.2, label="all layers")
+        ax.legend(fontsize=7)
+    values = [v for vs in by_mask.values() for v in vs]
+    low, high = min(values), max(values)
+    pad = 0.15 * (high - low) or 0.05 * abs(high) or 1.0
+    ax.set_ylim(low - pad, high + pad)
+    labels = [
+        m + ("\n" + str(next(r["layer_range"] for r in rows if r["mask"] == m) or ""))
+        for m in masks
+    ]
+    ax.set_xticks(range(len(masks)), labels, fontsize=7)
+    ax.set_xlabel("mask (leftmost = bottom block) and its layers; orange = suggested")
+    ax.set_ylabel(f"held-out {metric}")
+    ax.set_title("Mid-Block LoRA: held-out score per mask")
+    ax.grid(axis="y", alpha=0.3, zorder=0)
+    return _save(fig, path)

@@ -1,0 +1,199 @@
+"""``sftlens sweep``: several masks tuned and scored alike, resumable, on a tiny model.
+
+The sweep's numbers are those of the pieces it calls (``tune`` for training, the teacher-forced
+scorer for held-out NLL), checked here against calling them directly; the rest is bookkeeping:
+baseline first, one row per mask and seed, resume without retraining, the summary's verdicts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from clitools import error_line
+from sftlens import api
+from sftlens.cli import main
+from sftlens.config import SweepConfig
+from sftlens.errors import SftlensError
+from sftlens.tuning import sweep
+
+OPTS = dict(
+    data="synthetic",
+    max_examples=16,
+    steps=2,
+    batch_size=2,
+    lr=1e-2,
+    warmup_ratio=0.0,
+    max_length=64,
+    save_every=0,
+    heldout=4,
+    blocks=2,
+    device="cpu",
+    progress=False,
+)
+
+
+def _csv(out: Path) -> list[dict]:
+    return sweep.read_sweep_csv(out / "sweep.csv")
+
+
+def test_two_mask_sweep_end_to_end_then_resumes_without_training(tiny_pair, tmp_path, monkeypatch):
+    base, _ = tiny_pair
+    out = api.sweep(str(base), out=str(tmp_path / "sw"), masks="01", seeds="0,1", **OPTS)
+    rows = _csv(out)
+    # the baseline 11 is added and comes first; one row per mask and seed
+    assert [(r["mask"], r["seed"]) for r in rows] == [("11", 0), ("11", 1), ("01", 0), ("01", 1)]
+    for r in rows:
+        folder = out / "tune" / f"{r['mask']}-seed{r['seed']}"
+        summary = json.loads((folder / "summary.json").read_text())
+        assert r["rank_per_layer"] == summary["rank_per_layer"]
+        assert r["final_loss"] == pytest.approx(summary["final_loss"])
+        assert r["layers"] == len(summary["layers"])
+        assert r["heldout"] == 4 and r["answer_nll"] > 0 and 0 <= r["answer_token_acc"] <= 1
+    by = {(r["mask"], r["seed"]): r for r in rows}
+    # budget matching: the top block alone gets round(r * L / L_active), the baseline r
+    n_layers = by[("11", 0)]["layers"]
+    assert by[("11", 0)]["rank_per_layer"] == 8
+    assert by[("01", 0)]["rank_per_layer"] == round(8 * n_layers / by[("01", 0)]["layers"])
+    assert by[("01", 0)]["layers"] < n_layers
+    # delta against the baseline of the same seed
+    for seed in (0, 1):
+        assert by[("01", seed)]["delta_nll"] == pytest.approx(
+            by[("01", seed)]["answer_nll"] - by[("11", seed)]["answer_nll"]
+        )
+        assert by[("11", seed)]["delta_nll"] == 0
+    # different seeds train different adapters
+    assert by[("11", 0)]["final_loss"] != by[("11", 1)]["final_loss"]
+    summary = json.loads((out / "summary.json").read_text())["sweep"]
+    assert summary["baseline"] == "11" and set(summary["ranking"]) == {"11", "01"}
+    assert summary["masks"]["11"]["seeds"] == 2
+    assert (out / "plots" / "sweep.png").is_file()
+    assert "Mid-Block tuning sweep" in (out / "report.html").read_text()
+
+    # a rerun trains and scores nothing: every item is read back
+    def boom(*a, **k):
+        raise AssertionError("a finished item was recomputed")
+
+    monkeypatch.setattr("sftlens.tuning.tune.run_tune", boom)
+    monkeypatch.setattr(sweep, "heldout_scores", boom)
+    again = api.sweep(str(base), out=str(tmp_path / "sw"), masks="01", seeds="0,1", **OPTS)
+    assert _csv(again) == rows
+
+
+def test_heldout_scores_equal_the_scorer_on_the_trained_adapter(tiny_pair, tmp_path):
+    """The sweep's held-out NLL is the teacher-forced scorer's on MODEL + the saved adapter."""
+    from sftlens.data import resolve_dataset
+    from sftlens.data.prompts import format_question, format_target
+    from sftlens.evaluation.evaluate import load_adapter
+    from sftlens.evaluation.teacher_forced import answer_scores
+    from sftlens.models.loading import load_model
+
+    base, _ = tiny_pair
+    out = api.sweep(str(base), out=str(tmp_path / "sw"), masks="10", **OPTS)
+    row = next(r for r in _csv(out) if r["mask"] == "10")
+    model, tok = load_model(base, device="cpu")
+    model = load_adapter(model, out / "tune" / "10-seed0" / "adapter")
+    problems = resolve_dataset("synthetic", split="test", limit=4)
+    s = answer_scores(
+        model,
+        tok,
+        [format_question(e.question) for e in problems],
+        [format_target(e.answer) for e in problems],
+    )
+    assert row["answer_nll"] == pytest.approx(s.answer_nll, rel=1e-6)
+    assert row["answer_token_acc"] == pytest.approx(s.answer_token_acc)
+
+
+def test_a_killed_sweep_resumes_from_the_finished_masks(tiny_pair, tmp_path, monkeypatch):
+    base, _ = tiny_pair
+    from sftlens.tuning import tune
+
+    real = tune.run_tune
+    calls: list[str] = []
+
+    def dies_on_second(cfg):
+        calls.append(cfg.mask)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(cfg)
+
+    monkeypatch.setattr(tune, "run_tune", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        api.sweep(str(base), out=str(tmp_path / "sw"), masks="11,01", **OPTS)
+    calls.clear()
+    out = api.sweep(str(base), out=str(tmp_path / "sw"), masks="11,01", **OPTS)
+    assert calls == ["01"]  # the baseline was finished: not trained again
+    assert [r["mask"] for r in _csv(out)] == ["11", "01"]
+
+
+def test_summary_says_which_mask_wins_and_where_the_suggestion_ranks():
+    def row(mask, seed, nll):
+        return {"mask": mask, "seed": seed, "layer_range": "x", "answer_nll": nll}
+
+    rows = [row("11", 0, 1.0), row("11", 1, 1.1), row("01", 0, 0.8), row("10", 0, 1.3)]
+    s = sweep.sweep_summary(rows, SimpleNamespace(mask="10", evidence=["because"]))
+    assert s["ranking"] == ["01", "11", "10"]
+    assert s["masks"]["11"]["answer_nll"] == pytest.approx(1.05)
+    assert s["masks"]["11"]["answer_nll_spread"] == pytest.approx(0.1)
+    assert s["seed_spread_max"] == pytest.approx(0.1)
+    assert s["best_other"] == "01" and s["beats_baseline"] is True
+    assert s["best_other_delta_nll"] == pytest.approx(0.8 - 1.05)
+    assert s["suggested"] == {"mask": "10", "rank": 3, "of": 3, "evidence": ["because"]}
+    # the baseline best: the runner-up is reported, and it does not beat it
+    s = sweep.sweep_summary([row("11", 0, 0.5), row("01", 0, 0.6)])
+    assert s["best"] == "11" and s["best_other"] == "01" and s["beats_baseline"] is False
+
+
+def test_auto_mask_comes_from_suggest_and_is_marked(tiny_pair, tmp_path, monkeypatch):
+    base, _ = tiny_pair
+    from sftlens.tuning import suggest
+
+    monkeypatch.setattr(
+        suggest,
+        "suggest_mask",
+        lambda run_dir, num_blocks: SimpleNamespace(mask="01", evidence=["top block stable"]),
+        raising=False,
+    )
+    run = tmp_path / "analysis"
+    run.mkdir()
+    out = api.sweep(str(base), out=str(tmp_path / "sw"), masks="auto", from_run=str(run), **OPTS)
+    rows = _csv(out)
+    assert [(r["mask"], r["suggested"]) for r in rows] == [("11", 0), ("01", 1)]
+    s = json.loads((out / "summary.json").read_text())["sweep"]
+    assert s["suggested"]["mask"] == "01" and s["suggested"]["of"] == 2
+
+
+@pytest.mark.parametrize(
+    ("masks", "message"),
+    [
+        ("0110", "is not a mask of K=5 blocks"),
+        ("00000", "is not a mask of K=5 blocks"),
+        ("01x00", "is not a mask of K=5 blocks"),
+        (" , ", "is not a mask of K=5 blocks"),
+        ("auto", "--masks auto needs --from RUN_DIR"),
+    ],
+)
+def test_bad_masks_get_one_line_errors(masks, message):
+    with pytest.raises(SftlensError, match=message):
+        SweepConfig(model="m", masks=masks)
+
+
+def test_parse_masks_all_and_order():
+    assert sweep.parse_masks("all", 3) == ["100", "010", "001", "110", "101", "011", "111"]
+    assert sweep.parse_masks("01100,01100, 11111", 5) == ["01100", "11111"]
+    with pytest.raises(SftlensError, match="not an integer"):
+        sweep.parse_seeds("0,x")
+
+
+def test_cli_sweep_end_to_end_and_bad_input(tiny_pair, tmp_path, capsys):
+    base, _ = tiny_pair
+    args = ["sweep", str(base), "--out", str(tmp_path / "cli"), "--masks", "10", "--blocks", "2"]
+    args += ["--data", "synthetic", "--max-examples", "8", "--steps", "1", "--batch-size", "2"]
+    args += ["--max-length", "48", "--heldout", "2", "--device", "cpu", "--no-progress"]
+    assert main(args) == 0
+    assert [r["mask"] for r in _csv(tmp_path / "cli")] == ["11", "10"]
+    assert main(["sweep", str(base), "--masks", "1x"]) != 0
+    assert "is not a mask of K=5 blocks" in error_line(capsys.readouterr().err)
