@@ -499,3 +499,20 @@ def test_lora_dw_plot_shows_the_full_sft_dw_when_the_folder_has_it(tmp_path, mon
     assert seen == {"LoRA attn ||scaling B A|| / max": [0.0, 0.5, 1.0]}
     plots.plot_tune(lora_rows + dw_rows, [], tmp_path)
     assert seen["full SFT dW attn / max"] == [0.1, 0.5, 1.0]
+
+
+def test_peak_memory_is_this_tunes_own_after_a_reset():
+    """A sweep runs tunes one after another in one process: each reports its own peak RSS."""
+    from sftlens.tuning.tune import peak_memory_mb, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    big = torch.ones(64 * 2**20)  # 256 MiB touched
+    big.add_(1)
+    high = peak_memory_mb(cpu)
+    del big
+    reset_peak_memory()
+    low = peak_memory_mb(cpu)
+    if Path("/proc/self/clear_refs").exists():
+        assert low < high - 200, (low, high)
+    else:
+        assert low == high

@@ -81,10 +81,29 @@ def _num_layers(model_dir: Path) -> int:
     return surgery.num_layers(AutoConfig.from_pretrained(model_dir))
 
 
+_STATUS = Path("/proc/self/status")
+
+
+def reset_peak_memory() -> None:
+    """Restart the peak-RSS count (Linux ``clear_refs`` 5), so that one process running several
+    tunes (a sweep) reports each one's own peak rather than the largest so far."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux, or not allowed: the lifetime peak is reported instead
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated on ``device``, else the process's peak RSS (MiB)."""
+    """Peak CUDA memory allocated on ``device``, else the peak RSS since the last
+    :func:`reset_peak_memory` (Linux ``VmHWM``; elsewhere the process's lifetime peak), MiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (
         2**20 if sys.platform == "darwin" else 2**10
     )
@@ -101,6 +120,7 @@ def run_tune(cfg: TuneConfig) -> Path:
     from sftlens.run import make_out_folder
 
     out = make_out_folder(cfg.out)  # a bad --out fails now, not after the training
+    reset_peak_memory()  # this tune's own peak, model load included
     model_dir = resolve_model(cfg.model)
     examples = resolve_dataset(cfg.data, split=cfg.split, limit=cfg.max_examples, seed=cfg.seed)
     selection, evidence = select_layers(cfg, _num_layers(model_dir))
