@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import resource
@@ -87,10 +88,9 @@ _STATUS = Path("/proc/self/status")
 def reset_peak_memory() -> None:
     """Restart the peak-RSS count (Linux ``clear_refs`` 5), so that one process running several
     tunes (a sweep) reports each one's own peak rather than the largest so far."""
-    try:
+    # not Linux, or not allowed: the lifetime peak is reported instead
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:  # not Linux, or not allowed: the lifetime peak is reported instead
-        pass
 
 
 def peak_memory_mb(device: torch.device) -> float:
