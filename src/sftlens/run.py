@@ -11,7 +11,7 @@ import contextlib
 import json
 import platform
 import time
-from collections.abc import Callable, Iterable, Mapping, Set
+from collections.abc import Callable, Iterable, Iterator, Mapping, Set
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -192,3 +192,30 @@ def _sorted(rows: list[Row]) -> list[Row]:
         )
 
     return sorted(rows, key=key)
+
+
+class ItemLog:
+    """Finished items of one experiment or sweep, keyed by the hash of their inputs (an atomic JSON).
+
+    Items recorded under another key (other data, models, dtype...) are discarded.
+    """
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.path, self.key = path, key
+        data = read_json(path) if path.is_file() else {}
+        self.items: dict[str, dict[str, Any]] = (
+            dict(data.get("items", {})) if data.get("key") == key else {}
+        )
+
+    def __contains__(self, item: str) -> bool:
+        return item in self.items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.items)
+
+    def __getitem__(self, item: str) -> dict[str, Any]:
+        return self.items[item]
+
+    def put(self, item: str, result: dict[str, Any]) -> None:
+        self.items[item] = result
+        atomic_write_json(self.path, {"key": self.key, "items": self.items})

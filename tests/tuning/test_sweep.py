@@ -197,3 +197,36 @@ def test_cli_sweep_end_to_end_and_bad_input(tiny_pair, tmp_path, capsys):
     assert [r["mask"] for r in _csv(tmp_path / "cli")] == ["11", "10"]
     assert main(["sweep", str(base), "--masks", "1x"]) != 0
     assert "is not a mask of K=5 blocks" in error_line(capsys.readouterr().err)
+
+
+def test_a_sweep_is_extended_by_rerunning_it_with_other_masks_or_seeds(
+    tiny_pair, tmp_path, monkeypatch
+):
+    """Repeating only the baseline and the best mask with a second seed keeps every earlier row
+    (and the earlier suggestion) in sweep.csv, training only what is new."""
+    base, _ = tiny_pair
+    from sftlens.tuning import suggest, tune
+
+    monkeypatch.setattr(
+        suggest, "suggest_mask", lambda run_dir, num_blocks: SimpleNamespace(mask="10", evidence=[])
+    )
+    (tmp_path / "analysis").mkdir()
+    out = tmp_path / "sw"
+    api.sweep(str(base), out=str(out), masks="01,auto", from_run=str(tmp_path / "analysis"), **OPTS)
+    real, calls = tune.run_tune, []
+    monkeypatch.setattr(
+        tune, "run_tune", lambda cfg: calls.append((cfg.mask, cfg.seed)) or real(cfg)
+    )
+    api.sweep(str(base), out=str(out), masks="10", seeds="1", **OPTS)
+    assert calls == [("11", 1), ("10", 1)]
+    rows = _csv(out)
+    assert [(r["mask"], r["seed"]) for r in rows] == [
+        ("11", 0),
+        ("11", 1),
+        ("10", 0),
+        ("10", 1),
+        ("01", 0),
+    ]
+    assert [r["mask"] for r in rows if r["suggested"]] == ["10", "10"]
+    summary = json.loads((out / "summary.json").read_text())["sweep"]
+    assert summary["masks"]["10"]["seeds"] == 2 and summary["suggested"]["mask"] == "10"

@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sftlens.config import SwapConfig
 from sftlens.errors import SftlensError
-from sftlens.io import atomic_write_json, config_hash, read_json, write_rows_csv
+from sftlens.io import config_hash, write_rows_csv
 from sftlens.layers import Span, depth_blocks, parse_spans
-from sftlens.run import RunFolder, fingerprint
+from sftlens.run import ItemLog, RunFolder, fingerprint
 
 if TYPE_CHECKING:
     from sftlens.evaluation.evaluate import Problems
@@ -98,30 +98,6 @@ SWAP_COLUMNS = (
 
 
 # -- shared with interpolate ---------------------------------------------------------------------
-
-
-class ItemLog:
-    """Finished items of one experiment, keyed by the hash of their inputs (an atomic JSON).
-
-    Items recorded under another key (other data, models, dtype...) are discarded.
-    """
-
-    def __init__(self, path: Path, key: str) -> None:
-        self.path, self.key = path, key
-        data = read_json(path) if path.is_file() else {}
-        self.items: dict[str, dict[str, Any]] = (
-            dict(data.get("items", {})) if data.get("key") == key else {}
-        )
-
-    def __contains__(self, item: str) -> bool:
-        return item in self.items
-
-    def __getitem__(self, item: str) -> dict[str, Any]:
-        return self.items[item]
-
-    def put(self, item: str, result: dict[str, Any]) -> None:
-        self.items[item] = result
-        atomic_write_json(self.path, {"key": self.key, "items": self.items})
 
 
 class Results(Protocol):

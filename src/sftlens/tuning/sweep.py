@@ -26,6 +26,7 @@ import logging
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from sftlens.config import SweepConfig, TuneConfig
@@ -190,9 +191,8 @@ def run_sweep(cfg: SweepConfig) -> Path:
     """Train and score every mask (and seed); returns the sweep's run folder."""
     from sftlens.data import resolve_dataset
     from sftlens.data.prompts import format_question, format_target
-    from sftlens.experiments.swap import ItemLog
     from sftlens.models.loading import resolve_model
-    from sftlens.run import RunFolder, fingerprint
+    from sftlens.run import ItemLog, RunFolder, fingerprint
     from sftlens.tuning import tune
 
     model_dir = resolve_model(cfg.model)
@@ -204,7 +204,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
             f"--blocks {cfg.blocks} does not fit a model of {n_layers} layers; pass --blocks "
             f"{n_layers} or fewer"
         )
-    suggestion = None
+    suggestion: Any = None
     if "auto" in masks:
         if not cfg.from_run:
             raise SftlensError("--masks auto needs --from RUN_DIR (an analysis run folder)")
@@ -248,7 +248,11 @@ def run_sweep(cfg: SweepConfig) -> Path:
             result.update(gsm8k_scores(cfg, tuned / "adapter", folder / "eval"))
         done.put(name, result)
 
-    rows = sweep_rows([(f"{m}-seed{s}", m, s) for m, s in items], done, len(heldout), suggestion)
+    if suggestion is not None:
+        done.put(SUGGESTION, {"mask": suggestion.mask, "evidence": list(suggestion.evidence)})
+    elif SUGGESTION in done:  # suggested by an earlier invocation of this sweep
+        suggestion = SimpleNamespace(**done[SUGGESTION])
+    rows = sweep_rows(all_items(items, done), done, len(heldout), suggestion)
     write_rows_csv(run.path / "sweep.csv", rows, SWEEP_COLUMNS)
     run.write_summary({"sweep": sweep_summary(rows, suggestion)})
     from sftlens.reporting.plots import plot_sweep
@@ -260,8 +264,31 @@ def run_sweep(cfg: SweepConfig) -> Path:
     return run.path
 
 
-#: options that do not change any result of the sweep (the tune's own resume covers the rest)
-_NOT_HASHED = {"out", "progress", "save_every", "device"}
+#: options that do not change any item's result: a sweep is extended by rerunning it with other
+#: masks or seeds (finished items are kept and shown); the tune's own resume covers the rest
+_NOT_HASHED = {"out", "progress", "save_every", "device", "masks", "seeds", "from_run"}
+SUGGESTION = "suggestion"
+
+
+def all_items(items: Sequence[tuple[str, int]], done: Any) -> list[tuple[str, str, int]]:
+    """``(name, mask, seed)`` of this invocation's items, then the other finished items of the
+    same sweep (earlier invocations with other masks or seeds), baseline first, then by the
+    order masks first appear, seeds ascending.
+
+    >>> log = {"11-seed0": {}, "01-seed0": {}, "01-seed1": {}, "10-seed0": {}}
+    >>> [n for n, _, _ in all_items([("11", 0), ("10", 0)], log)]
+    ['11-seed0', '10-seed0', '01-seed0', '01-seed1']
+    """
+    pairs = list(items)
+    for name in done:
+        if name == SUGGESTION:
+            continue
+        mask, seed = name.rsplit("-seed", 1)
+        if (mask, int(seed)) not in pairs:
+            pairs.append((mask, int(seed)))
+    order = {m: i for i, m in enumerate(dict.fromkeys(m for m, _ in pairs))}
+    pairs.sort(key=lambda p: (set(p[0]) != {"1"}, order[p[0]], p[1]))
+    return [(f"{m}-seed{s}", m, s) for m, s in pairs]
 
 
 def sweep_rows(
