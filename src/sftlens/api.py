@@ -1,8 +1,8 @@
 """The public Python API. The CLI only parses arguments into configs and calls these.
 
->>> import sftlens                                                     # doctest: +SKIP
->>> run = sftlens.weights("smollm2-135m-instruct", "runs/demo/sft_model", out="runs/w")
->>> run / "metrics.csv"                                               # tidy: model, layer, metric, value
+>>> import sftlens
+>>> run = sftlens.weights("smollm2-135m-instruct", "runs/demo/sft_model", out="runs/w")  # doctest: +SKIP
+>>> run / "metrics.csv"          # tidy: model, layer, metric, value              # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ def frobenius_sq_diff(a: torch.Tensor, b: torch.Tensor) -> float:
         fa, fb = fa.float(), fb.float()
     total = 0.0
     for start in range(0, fa.numel(), _CHUNK_ELEMENTS):
-        d = fa[start : start + _CHUNK_ELEMENTS] - fb[start : start + _CHUNK_ELEMENTS]
-        total += float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
+        d = (fa[start : start + _CHUNK_ELEMENTS] - fb[start : start + _CHUNK_ELEMENTS]).double()
+        total += float(torch.dot(d, d))  # squares summed directly: no sqrt-then-square rounding
     return total
 
 
@@ -45,12 +45,8 @@ def frobenius_sq(a: torch.Tensor) -> float:
         fa = fa.float()
     total = 0.0
     for start in range(0, fa.numel(), _CHUNK_ELEMENTS):
-        total += (
-            float(
-                torch.linalg.vector_norm(fa[start : start + _CHUNK_ELEMENTS], dtype=torch.float64)
-            )
-            ** 2
-        )
+        chunk = fa[start : start + _CHUNK_ELEMENTS].double()
+        total += float(torch.dot(chunk, chunk))
     return total
 
 
