@@ -337,7 +337,9 @@ def suggest(run_dir: str | Path, **options: Any) -> Suggestion:
 
 
 def demo(**options: Any) -> Path:
-    """The main job: resolve the base, a short SFT, weight analysis, report. Resumable."""
+    """The main job: a short SFT of the base, then where it changed (weights, representations,
+    a short eval, the logit-lens probe) and which layers to train (``suggest``), in one report.
+    Resumable."""
     from sftlens.tuning.sft import train_sft
 
     cfg = DemoConfig(**options)
@@ -403,6 +405,19 @@ def demo(**options: Any) -> Path:
                 progress=cfg.progress,
             )
         )
+    # the second question: so which layers should I train? (from this run's evidence alone)
+    from sftlens.tuning.suggest import run_suggest
+
+    suggestion = run_suggest(SuggestConfig(run=str(out)))
+    log.info("which layers should I train? (sftlens suggest %s)", out)
+    for line in suggestion.lines():
+        log.info("  %s", line)
+    log.info(
+        "  try it: sftlens tune %s --mask %s --data gsm8k  (or --mask auto --from %s)",
+        cfg.model,
+        suggestion.mask,
+        out,
+    )
     report(out)
     log.info("report: %s", out / "report.html")
     return out

@@ -239,6 +239,12 @@ def test_demo_end_to_end_on_tiny_model_then_report(tiny_pair, tmp_path):
     assert f"Largest attention change at layer {top} (relative depth {(top + 0.5) / 5:.2f})" in html
     assert "6 prompts through both models" in html
     assert f"Token-level CKA first falls below 0.98: {where}." in html
+    # and the second question: which layers to train, from this run's evidence alone
+    from sftlens.tuning.suggest import suggest_mask
+
+    saved = json.loads((out / "suggestion.json").read_text())
+    assert saved["mask"] == suggest_mask(out, 5).mask
+    assert saved["mask"] in html
     (out / "report.html").unlink()
     assert main(["report", str(out)]) == 0
     assert (out / "report.html").read_text() == html
