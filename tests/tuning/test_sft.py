@@ -384,6 +384,26 @@ def test_chat_prompt_format_puts_the_template_before_the_answer(tiny_pair, tmp_p
     assert h["loss"] == pytest.approx(want_loss, rel=1e-5)
 
 
+def test_a_one_token_prompt_still_counts_every_answer_token(tiny_pair, tmp_path):
+    """With a bare chat template the prompt is the one-word question: the answer starts at
+    position 1, and every answer token (EOS included) carries loss."""
+    import shutil
+
+    base, _ = tiny_pair
+    bare = shutil.copytree(base, tmp_path / "bare")
+    tok = AutoTokenizer.from_pretrained(bare)
+    tok.chat_template = "{{ messages[0]['content'] }}"
+    tok.save_pretrained(bare)
+    examples = [("seven", "3 + 4 = 7\n#### 7")]
+    assert len(tok("seven")["input_ids"]) == 1
+    data = write_data(tmp_path / "d.jsonl", examples)
+    out = sft(bare, tmp_path / "out", data, prompt_format="chat", batch_size=1, grad_accum=1)
+    want_loss, want_tokens = reference_loss(bare, examples, 64, lambda tok, q: q)
+    (h,) = state(out)["history"]
+    assert h["tokens"] == want_tokens
+    assert h["loss"] == pytest.approx(want_loss, rel=1e-5)
+
+
 def test_bfloat16_training_saves_bfloat16_weights(tiny_pair, tmp_path):
     from safetensors.torch import load_file
 
