@@ -304,6 +304,36 @@ def test_resume_redoes_no_step_keeps_the_history_and_follows_the_checkpoint_sche
     assert not (tmp_path / "nosave" / "checkpoint-last").exists()
 
 
+def test_a_save_killed_over_a_finished_run_leaves_nothing_to_reuse(
+    tiny_pair, tmp_path, monkeypatch
+):
+    """Retraining into a finished run's folder first removes its trainer_state.json (the mark
+    of a complete save): killed after the new weights are written, the folder is not reused
+    for the old config."""
+    from safetensors.torch import load_file
+    from transformers import PreTrainedModel
+
+    base, _ = tiny_pair
+    data = write_data(tmp_path / "d.jsonl")
+    out = tmp_path / "out"
+    want = load_file(sft(base, tmp_path / "ref", data) / "model.safetensors")
+    sft(base, out, data)
+    real = PreTrainedModel.save_pretrained
+
+    def save_then_die(self, *a, **k):
+        real(self, *a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        sft(base, out, data, lr=5e-3)
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", real)
+    assert not (out / "trainer_state.json").exists()
+    got = load_file(sft(base, out, data) / "model.safetensors")  # the first config again
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
 def test_optimizer_state_round_trips_tensors_and_scalars(tmp_path):
     from sftlens.tuning.loop import load_optimizer, save_optimizer
 
