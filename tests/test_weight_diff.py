@@ -133,6 +133,7 @@ def test_grown_vocabulary_is_compared_on_shared_rows_and_reported(tiny_pair, tmp
     grown = tmp_path / "grown"
     model.save_pretrained(grown)
     rows = weight_diff(base, grown, progress=False).rows
+    _assert_pair_rows(rows)
     new = _numpy_state(grown)
     assert _value(rows, "vocab_added", None) == 8
     for prefix, layer, key in (
@@ -331,7 +332,14 @@ def arch_pairs(tmp_path_factory) -> dict[str, tuple[Path, Path, object]]:
     return pairs
 
 
+def _assert_pair_rows(rows) -> None:
+    """Every row is a (model, layer, metric, value) record of the pair."""
+    for r in rows:
+        assert set(r) == {"model", "layer", "metric", "value"} and r["model"] == "pair", r
+
+
 def _check_rows(rows, want: dict) -> None:
+    _assert_pair_rows(rows)
     got = {(r["metric"], r["layer"]): r["value"] for r in rows}
     assert len(got) == len(rows), "a (metric, layer) row is emitted twice"
     assert set(got) == set(want), set(got) ^ set(want)
@@ -365,3 +373,77 @@ def test_bfloat16_checkpoint_matches_numpy(arch_pairs):
     _check_rows(
         weight_diff(base, sft, progress=False).rows, _expected_rows("qwen2", base, sft, cfg)
     )
+
+
+# --- series, progress, and the errors of malformed checkpoints ---------------------------------
+
+
+def test_series_orders_one_metric_by_layer_with_nan_where_it_is_missing(tiny_pair):
+    from sftlens.weight_diff import WeightDiff
+
+    base, sft = tiny_pair
+    result = weight_diff(base, sft, progress=False)
+    assert result.series("dw_q") == [_value(result.rows, "dw_q", i) for i in range(5)]
+    rows = [
+        {"model": "pair", "layer": 3, "metric": "dw_q", "value": 2.0},
+        {"model": "pair", "layer": 1, "metric": "dw_k", "value": 5.0},
+        {"model": "pair", "layer": None, "metric": "dw_total", "value": 7.0},
+    ]
+    got = WeightDiff(info=result.info, rows=rows).series("dw_q")
+    assert len(got) == 5 and got[3] == 2.0
+    assert all(isinstance(got[i], float) and math.isnan(got[i]) for i in (0, 1, 2, 4))
+
+
+def test_progress_bar_is_on_by_default_and_off_on_request(tiny_pair, capsys):
+    base, sft = tiny_pair
+    weight_diff(base, sft)
+    assert "weight diff: 100%" in capsys.readouterr().err
+    weight_diff(base, sft, progress=False)
+    assert "weight diff" not in capsys.readouterr().err
+
+
+def _edited_copy(src: Path, dst: Path, edit) -> Path:
+    """A copy of checkpoint ``src`` whose tensors ``edit`` changes (config.json untouched)."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    state = load_file(dst / "model.safetensors")
+    edit(state)
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_malformed_sft_checkpoints_are_one_line_errors(tiny_pair, tmp_path):
+    base, _ = tiny_pair
+    embed = "model.embed_tokens.weight"
+
+    def wider(state):
+        state[embed] = torch.zeros(128, 33)
+
+    def fewer_rows(state):
+        state[embed] = state[embed][:120].clone()
+
+    def missing(state):
+        del state["model.layers.2.mlp.up_proj.weight"]
+
+    cases = [
+        (
+            wider,
+            f"embed '{embed}' has shape base=(128, 32), sft=(128, 33); "
+            "compare checkpoints of the same model size",
+        ),
+        (
+            fewer_rows,
+            "embed has fewer rows in sft (120) than in base (128); pass BASE first and SFT second",
+        ),
+        (
+            missing,
+            "1 tensor(s) of base are missing from sft, e.g. 'model.layers.2.mlp.up_proj.weight'; "
+            "check that both folders hold complete checkpoints of the same architecture",
+        ),
+    ]
+    for edit, message in cases:
+        broken = _edited_copy(base, tmp_path / edit.__name__, edit)
+        with pytest.raises(SftlensError) as err:
+            weight_diff(base, broken, progress=False)
+        assert str(err.value) == message

@@ -1,10 +1,13 @@
 """Full SFT on a tiny model: the loss against an independent per-token cross-entropy, the
-learning-rate schedule against its formula, gradient clipping, EOS, and the one-line errors."""
+learning-rate schedule against its formula, gradient clipping, EOS, the one-line errors, which
+examples and prompts are trained on, what trainer_state.json records, resume and the checkpoint
+schedule, the optimizer state round trip, weight decay, bf16 and the progress bar."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -56,14 +59,16 @@ def state(out: Path) -> dict:
     return json.loads((out / "trainer_state.json").read_text())
 
 
-def reference_loss(model_dir: Path, examples, max_length: int) -> tuple[float, int]:
+def reference_loss(
+    model_dir: Path, examples, max_length: int, prompt_text=lambda tok, q: f"Question: {q}\nAnswer:"
+) -> tuple[float, int]:
     """Mean next-token cross-entropy over answer tokens (EOS included), one unpadded sequence
     at a time, in float64 numpy: (loss, number of answer tokens)."""
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     total, count = 0.0, 0
     for q, a in examples:
-        prompt = tok(f"Question: {q}\nAnswer:")["input_ids"]
+        prompt = tok(prompt_text(tok, q))["input_ids"]
         answer = [*tok(f" {a}", add_special_tokens=False)["input_ids"], tok.eos_token_id]
         ids = (prompt + answer)[:max_length]
         with torch.no_grad():
@@ -188,3 +193,261 @@ def test_nan_loss_is_one_line_error(tmp_path, capsys):
     assert main([*args, "--steps", "2", "--device", "cpu", "--no-progress"]) == 2
     assert error_line(capsys.readouterr().err).startswith("error: SFT loss became nan at step 0")
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+# -- what is trained on, what is recorded --------------------------------------------------------
+
+DEV = [(f"what is {i} + {i} ?", f"{i} + {i} = {2 * i} .\n#### {2 * i}") for i in range(1, 7)]
+
+
+def _dev_folder(root: Path) -> Path:
+    root.mkdir()
+    write_data(root / "train.jsonl")
+    write_data(root / "dev.jsonl", DEV)
+    return root
+
+
+@pytest.mark.parametrize("source", ["folder", "synthetic"])
+def test_the_step_trains_on_the_examples_the_data_options_select(tiny_pair, tmp_path, source):
+    """--split picks the file, --max-examples keeps the first N, --seed picks the synthetic
+    problems: one step of 2 x 2 sees each of the 4 selected examples once."""
+    from sftlens.data import resolve_dataset
+
+    base, _ = tiny_pair
+    if source == "folder":
+        kw = dict(data=str(_dev_folder(tmp_path / "data")), split="dev", max_examples=4)
+        chosen = DEV[:4]
+    else:
+        kw = dict(data="synthetic", max_examples=4, seed=3)
+        chosen = [(e.question, e.answer) for e in resolve_dataset("synthetic", limit=4, seed=3)]
+        other = [(e.question, e.answer) for e in resolve_dataset("synthetic", limit=4, seed=0)]
+        assert chosen != other  # so that a dropped seed shows
+    out = sft(base, tmp_path / "out", **kw)
+    want_loss, want_tokens = reference_loss(base, chosen, 64)
+    st = state(out)
+    assert st["train_examples"] == 4
+    (h,) = st["history"]
+    assert h["tokens"] == want_tokens
+    assert h["loss"] == pytest.approx(want_loss, rel=1e-5)
+
+
+def test_trainer_state_and_sftlens_sft_json_record_the_run(tiny_pair, tmp_path):
+    import time
+
+    from sftlens.models.loading import resolve_model
+
+    base, _ = tiny_pair
+    data = write_data(tmp_path / "d.jsonl")
+    t0 = time.perf_counter()
+    out = sft(base, tmp_path / "out", data, steps=2, batch_size=1, grad_accum=1, lr=2e-3)
+    wall = time.perf_counter() - t0
+    st = state(out)
+    assert set(st) == {
+        "step", "history", "config_hash", "config", "base_model", "train_examples",
+        "train_tokens", "seconds_this_run", "world_size",
+    }  # fmt: skip
+    assert st["step"] == 2 and [h["step"] for h in st["history"]] == [1, 2]
+    assert set(st["history"][0]) == {"step", "loss", "tokens", "lr", "seconds"}
+    assert st["base_model"] == str(resolve_model(str(base)))
+    assert st["train_examples"] == len(EXAMPLES) and st["world_size"] == 1
+    assert st["train_tokens"] == sum(h["tokens"] for h in st["history"])
+    assert 0 < st["seconds_this_run"] <= wall
+    assert st["config"]["lr"] == 2e-3 and st["config"]["steps"] == 2
+    assert json.loads((out / "sftlens_sft.json").read_text()) == st["config"]
+
+
+def _crash_on_step(monkeypatch, n: int) -> dict:
+    """Count AdamW steps; the ``n``-th raises KeyboardInterrupt (a kill during that step)."""
+    real = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return calls
+
+
+def test_resume_redoes_no_step_keeps_the_history_and_follows_the_checkpoint_schedule(
+    tiny_pair, tmp_path, monkeypatch
+):
+    base, _ = tiny_pair
+    data = write_data(tmp_path / "d.jsonl")
+    kw = dict(steps=5, batch_size=1, grad_accum=1, save_every=3)
+    fresh = state(sft(base, tmp_path / "fresh", data, **kw))
+
+    out = tmp_path / "run"
+    (out / "checkpoint-last.tmp").mkdir(parents=True)  # left by a save that was killed
+    (out / "checkpoint-last.tmp" / "junk").write_text("x")
+    calls = _crash_on_step(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        sft(base, out, data, **kw)
+    ckpt = json.loads((out / "checkpoint-last" / "trainer_state.json").read_text())
+    assert ckpt["step"] == 3  # saved after step 3 only (every 3 steps)
+    assert [h["step"] for h in ckpt["history"]] == [1, 2, 3]
+    calls["n"] = -100
+    sft(base, out, data, **kw)
+    assert calls["n"] == -100 + 2  # only steps 4 and 5 ran
+    st = state(out)
+    assert [h["step"] for h in st["history"]] == [1, 2, 3, 4, 5]
+    for a, b in zip(st["history"], fresh["history"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["tokens"] == b["tokens"]
+    assert not (out / "checkpoint-last").exists()
+
+    # without --save-every a killed run leaves no checkpoint
+    calls = _crash_on_step(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        sft(base, tmp_path / "nosave", data, **{**kw, "save_every": 0})
+    assert not (tmp_path / "nosave" / "checkpoint-last").exists()
+
+
+def test_a_save_killed_over_a_finished_run_leaves_nothing_to_reuse(
+    tiny_pair, tmp_path, monkeypatch
+):
+    """Retraining into a finished run's folder first removes its trainer_state.json (the mark
+    of a complete save): killed after the new weights are written, the folder is not reused
+    for the old config."""
+    from safetensors.torch import load_file
+    from transformers import PreTrainedModel
+
+    base, _ = tiny_pair
+    data = write_data(tmp_path / "d.jsonl")
+    out = tmp_path / "out"
+    want = load_file(sft(base, tmp_path / "ref", data) / "model.safetensors")
+    sft(base, out, data)
+    real = PreTrainedModel.save_pretrained
+
+    def save_then_die(self, *a, **k):
+        real(self, *a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        sft(base, out, data, lr=5e-3)
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", real)
+    assert not (out / "trainer_state.json").exists()
+    got = load_file(sft(base, out, data) / "model.safetensors")  # the first config again
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_optimizer_state_round_trips_tensors_and_scalars(tmp_path):
+    from sftlens.tuning.loop import load_optimizer, save_optimizer
+
+    def make():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+        opt = torch.optim.AdamW(params, lr=0.1, weight_decay=0.05)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (k + 1))
+        return params, opt, sched
+
+    params, opt, sched = make()
+    for _ in range(2):
+        sum((p**2).sum() for p in params).backward()
+        opt.step()
+        sched.step()
+    # a plain-number entry first (before the tensors) and one after
+    opt.state[params[0]] = {"count": 7, **opt.state[params[0]], "flag": 0.5}
+    save_optimizer(opt, sched, tmp_path)
+    _, opt2, sched2 = make()
+    load_optimizer(opt2, sched2, tmp_path)
+    a, b = opt.state_dict(), opt2.state_dict()
+    assert json.loads(json.dumps(a["param_groups"])) == b["param_groups"]  # betas: a list
+    assert a["state"].keys() == b["state"].keys()
+    for idx in a["state"]:
+        assert list(a["state"][idx]) == list(b["state"][idx])
+        for key, value in a["state"][idx].items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, b["state"][idx][key])
+            else:
+                assert b["state"][idx][key] == value
+    assert b["state"][0]["count"] == 7 and b["state"][0]["flag"] == 0.5
+    assert sched2.state_dict() == sched.state_dict()
+
+
+def test_weight_decay_reaches_adamw(tiny_pair, tmp_path):
+    """AdamW decays before its update: one step with decay wd differs from one without by
+    exactly -lr * wd * w."""
+    from safetensors.torch import load_file
+
+    base, _ = tiny_pair
+    data = write_data(tmp_path / "d.jsonl")
+    lr, wd = 1e-3, 0.5
+    plain = load_file(
+        sft(base, tmp_path / "plain", data, lr=lr, weight_decay=0.0) / "model.safetensors"
+    )
+    decayed = load_file(
+        sft(base, tmp_path / "wd", data, lr=lr, weight_decay=wd) / "model.safetensors"
+    )
+    original = load_file(base / "model.safetensors")
+    for k, w in original.items():
+        torch.testing.assert_close(decayed[k] - plain[k], -lr * wd * w, rtol=1e-3, atol=1e-9)
+
+
+def test_chat_prompt_format_puts_the_template_before_the_answer(tiny_pair, tmp_path):
+    import shutil
+
+    base, _ = tiny_pair
+    chat = shutil.copytree(base, tmp_path / "chat")
+    tok = AutoTokenizer.from_pretrained(chat)
+    tok.chat_template = (
+        "{% for m in messages %}user : {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant :{% endif %}"
+    )
+    tok.save_pretrained(chat)
+    data = write_data(tmp_path / "d.jsonl")
+    out = sft(chat, tmp_path / "out", data, prompt_format="chat")
+
+    def chat_prompt(tok, q):
+        return tok.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+
+    want_loss, want_tokens = reference_loss(chat, EXAMPLES, 64, chat_prompt)
+    plain_loss, _ = reference_loss(chat, EXAMPLES, 64)
+    assert abs(want_loss - plain_loss) > 1e-3  # so that the prompt format shows
+    (h,) = state(out)["history"]
+    assert h["tokens"] == want_tokens
+    assert h["loss"] == pytest.approx(want_loss, rel=1e-5)
+
+
+def test_a_one_token_prompt_still_counts_every_answer_token(tiny_pair, tmp_path):
+    """With a bare chat template the prompt is the one-word question: the answer starts at
+    position 1, and every answer token (EOS included) carries loss."""
+    import shutil
+
+    base, _ = tiny_pair
+    bare = shutil.copytree(base, tmp_path / "bare")
+    tok = AutoTokenizer.from_pretrained(bare)
+    tok.chat_template = "{{ messages[0]['content'] }}"
+    tok.save_pretrained(bare)
+    examples = [("seven", "3 + 4 = 7\n#### 7")]
+    assert len(tok("seven")["input_ids"]) == 1
+    data = write_data(tmp_path / "d.jsonl", examples)
+    out = sft(bare, tmp_path / "out", data, prompt_format="chat", batch_size=1, grad_accum=1)
+    want_loss, want_tokens = reference_loss(bare, examples, 64, lambda tok, q: q)
+    (h,) = state(out)["history"]
+    assert h["tokens"] == want_tokens
+    assert h["loss"] == pytest.approx(want_loss, rel=1e-5)
+
+
+def test_bfloat16_training_saves_bfloat16_weights(tiny_pair, tmp_path):
+    from safetensors.torch import load_file
+
+    base, _ = tiny_pair
+    data = write_data(tmp_path / "d.jsonl")
+    out = sft(base, tmp_path / "out", data, dtype="bfloat16", batch_size=1, grad_accum=1)
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+
+
+def test_progress_bar_counts_the_steps_and_no_progress_shows_none(tiny_pair, tmp_path, capsys):
+    base, _ = tiny_pair
+    data = write_data(tmp_path / "d.jsonl")
+    sft(base, tmp_path / "bar", data, steps=3, batch_size=1, grad_accum=1, progress=True)
+    counts = re.findall(r"SFT: .*?\| (\d+)/(\d+) ", capsys.readouterr().err)
+    assert counts[0] == ("0", "3") and counts[-1] == ("3", "3")  # 0 of 3 steps .. 3 of 3
+    sft(base, tmp_path / "quiet", data, steps=3, batch_size=1, grad_accum=1, progress=False)
+    assert "SFT:" not in capsys.readouterr().err
