@@ -233,3 +233,26 @@ def test_stop_rule():
     assert rule.text([1, 9]) == "t1"  # EOS is not text
     assert rule.text([1, 2, 5, 3]) == "t1 "  # cut at the earliest stop string
     assert rule.text([1, 1]) == "t1 t1"
+    assert rule.text([9]) == ""  # EOS at once: an empty completion
+    assert rule.text([1, 2, 9]) == "t1 t2"  # only the EOS is dropped
+    assert rule.text([3, 1, 3]) == ""  # a stop string's first occurrence, even at the start
+
+
+def test_forward_params_and_cache_kwarg_see_through_a_peft_wrapper():
+    class Transformers5Model:  # the forward of a transformers 5 causal LM, as far as it matters
+        def forward(self, input_ids, attention_mask=None, cache=None, logits_to_keep=0, **kw): ...
+
+    class PeftLike:  # like peft.PeftModel: a generic forward, the real one behind get_base_model
+        def forward(self, input_ids=None, attention_mask=None, **kwargs): ...
+
+        def get_base_model(self):
+            return Transformers5Model()
+
+    assert {"cache", "logits_to_keep"} <= set(gen_mod.forward_params(PeftLike()))
+    assert gen_mod.cache_kwarg(PeftLike()) == "cache"
+    assert gen_mod.cache_kwarg(Transformers5Model()) == "cache"
+
+    class Transformers4Model:  # the 4.x name of the cache argument
+        def forward(self, input_ids, past_key_values=None, use_cache=False): ...
+
+    assert gen_mod.cache_kwarg(Transformers4Model()) == "past_key_values"
