@@ -10,8 +10,8 @@ from sftlens.data.gsm8k import Example
 from sftlens.data.prompts import few_shot_prefix, format_chat, format_question, format_target
 from sftlens.errors import SftlensError
 from sftlens.evaluation import task as task_mod
-from sftlens.evaluation.scoring import extract_strict
-from sftlens.evaluation.task import GSM8KTask, chat_end_text
+from sftlens.evaluation.scoring import NUMBER_PATTERN, STRICT_PATTERN, extract_strict
+from sftlens.evaluation.task import GSM8KTask, chat_end_text, render_chat
 from tiny_models import tiny_tokenizer
 
 CHATML = (
@@ -71,6 +71,16 @@ def test_hash_follows_the_filter_patterns(monkeypatch):
     assert GSM8KTask().hash() != before
 
 
+def test_to_dict_is_every_field_and_the_filter_patterns():
+    d = GSM8KTask(filters=("flexible",)).to_dict()
+    assert set(d) == set(OTHER) | {"filter_patterns"}
+    assert d["filter_patterns"] == {"flexible": NUMBER_PATTERN.pattern + " (last match)"}
+    assert GSM8KTask().to_dict()["filter_patterns"] == {
+        "strict": STRICT_PATTERN.pattern + " (first match)",
+        "flexible": NUMBER_PATTERN.pattern + " (last match)",
+    }
+
+
 def test_qa_prompts_are_the_training_format():
     tok = tiny_tokenizer()
     q = "how many is 2 + 5 ?"
@@ -122,11 +132,118 @@ def test_chat_without_template_is_one_line_error():
         ({"max_new_tokens": 0}, "--max-new-tokens must be >= 1"),
         ({"prompt_format": "xml"}, "use 'qa' or 'chat'"),
         ({"fewshot_order": "random"}, "use 'first'"),
-        ({"greedy": False}, "only greedy"),
+        ({"greedy": False}, r"^only greedy decoding is implemented; keep greedy=True$"),
         ({"filters": ("strict", "fuzzy")}, "unknown"),
-        ({"question_template": "Q: {q}"}, "templates need"),
+        (
+            {"question_template": "Q: {q}"},
+            r"^templates need '\{question\}' \(question_template\) and '\{answer\}' \(target_template\)$",
+        ),
     ],
 )
 def test_invalid_task_is_refused(kwargs, message):
     with pytest.raises(SftlensError, match=message):
         GSM8KTask(**kwargs)
+
+
+# -- chat templates of other shapes -----------------------------------------------------------
+# Llama-2 style: roles must alternate user/assistant and each content is .strip()-ed
+ALTERNATING = (
+    "{% for m in messages %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+    "{% if m['role'] == 'user' %}[INST] {{ m['content'].strip() }} [/INST]"
+    "{% elif m['role'] == 'assistant' %} {{ m['content'].strip() }} <eos>{% endif %}"
+    "{% endfor %}"
+)
+
+
+def tokenizer_with(template: str | None, name: str = ""):
+    tok = tiny_tokenizer()
+    tok.chat_template = template
+    tok.name_or_path = name
+    return tok
+
+
+class DuckChatTokenizer:
+    """A tokenizer-like object with ChatML in Python and only the attributes it is given."""
+
+    eos_token_id = 1
+
+    def __init__(self, **attributes):
+        self.__dict__.update(attributes)
+
+    def apply_chat_template(self, messages, tokenize=True, add_generation_prompt=False):
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+    def convert_tokens_to_ids(self, token):
+        return {"<|im_end|>": 7}[token]
+
+
+def test_chat_end_text_of_other_templates():
+    # the probe conversation is a valid user/assistant exchange with non-empty contents
+    assert chat_end_text(tokenizer_with(ALTERNATING)) == "<eos>"
+    assert chat_end_text(DuckChatTokenizer()) == "<|im_end|>"
+    # the end-of-turn text follows the LAST place the assistant's text appears
+    header = "last: {{ messages[-1]['content'] }}\n" + CHATML
+    assert chat_end_text(tokenizer_with(header)) == "<|im_end|>"
+    # no end-of-turn text: nothing after the assistant turn, no assistant turn, a failing template
+    assert (
+        chat_end_text(tokenizer_with("{% for m in messages %}{{ m['content'] }}\n{% endfor %}"))
+        == ""
+    )
+    users_only = "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    assert chat_end_text(tokenizer_with(users_only)) == ""
+    failing = tokenizer_with("{{ raise_exception('no chat here') }}")
+    assert chat_end_text(failing) == ""
+    assert GSM8KTask(prompt_format="chat").resolved_stops(failing) == (
+        ("Question:",),
+        frozenset({1}),
+    )
+
+
+def test_chat_end_token_id_from_special_or_added_tokens():
+    chat = GSM8KTask(shots=0, prompt_format="chat")
+    # an added token that is not special (listed in added_tokens_decoder only)
+    tok = tokenizer_with(CHATML)
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"])
+    assert "<|im_end|>" not in tok.all_special_tokens
+    end_id = tok.convert_tokens_to_ids("<|im_end|>")
+    assert chat.resolved_stops(tok) == (("Question:", "<|im_end|>"), frozenset({1, end_id}))
+    # a special token that the tokenizer lists in all_special_tokens only
+    duck = DuckChatTokenizer(all_special_tokens=["<|im_end|>"])
+    assert chat.resolved_stops(duck) == (("Question:", "<|im_end|>"), frozenset({1, 7}))
+    # neither list: the text still stops generation, no id does
+    assert chat.resolved_stops(DuckChatTokenizer()) == (("Question:", "<|im_end|>"), frozenset({1}))
+
+
+def test_chat_template_errors_name_the_tokenizer_and_the_fix():
+    fix = "drop --chat to use the plain Question/Answer prompt"
+    msgs = [{"role": "user", "content": "q"}]
+    no_template = (
+        f"has no chat template; {fix}, or pass an instruct model whose tokenizer defines one$"
+    )
+    with pytest.raises(SftlensError, match="^tokenizer 'org/tiny' " + no_template):
+        render_chat(tokenizer_with(None, name="org/tiny"), msgs)
+    with pytest.raises(SftlensError, match="^tokenizer 'TokenizersBackend' " + no_template):
+        render_chat(tokenizer_with(None), msgs)  # no name: the class names it
+    with pytest.raises(SftlensError, match="^tokenizer 'DuckChatTokenizer' " + no_template):
+        render_chat(DuckChatTokenizer(), msgs)  # neither name_or_path nor chat_template
+    with pytest.raises(
+        SftlensError,
+        match=r"^tokenizer 'org/tiny' could not apply its chat template \(no chat here\); "
+        + fix
+        + "$",
+    ):
+        render_chat(tokenizer_with("{{ raise_exception('no chat here') }}", name="org/tiny"), msgs)
+
+    class ListChat(DuckChatTokenizer):
+        chat_template = "ids"
+
+        def apply_chat_template(self, messages, tokenize=True, add_generation_prompt=False):
+            return [1, 2, 3]
+
+    with pytest.raises(
+        SftlensError, match=f"^tokenizer 'ListChat' chat template returned list, not text; {fix}$"
+    ):
+        render_chat(ListChat(), msgs)

@@ -158,8 +158,41 @@ def test_sliding_window_model_falls_back_to_plain_left_padding(tok):
     longest = max(map(len, items)) + 10
     assert shared_prefix(model, items, longest=longest) is None  # window 8 < 40-token prompts
     assert shared_prefix(model, [x[:6] for x in items], longest=7) is not None  # fits the window
+    # from the window's length on, no cache (a margin: eager/sdpa would stay exact 2 tokens longer)
+    assert shared_prefix(model, [x[:6] for x in items], longest=8) is None
     got = run_engine(model, items, rule, batch_size=3)
     assert [got[i] for i in range(len(items))] == expected
+
+
+def test_sliding_window_of_each_config_shape():
+    from types import SimpleNamespace as Model
+
+    from transformers import Gemma2Config, LlavaConfig, MistralConfig, Qwen2Config
+
+    def window(config) -> int | None:
+        return sliding_window(Model(config=config))
+
+    assert window(MistralConfig(sliding_window=8)) == 8  # no layer_types: every layer slides
+    assert window(Gemma2Config(num_hidden_layers=2, sliding_window=4)) == 4  # mixed layer types
+    qwen2 = dict(num_hidden_layers=2, use_sliding_window=True, sliding_window=8)
+    assert window(Qwen2Config(**qwen2, max_window_layers=0)) == 8  # every layer slides
+    assert window(Qwen2Config(**qwen2, max_window_layers=2)) is None  # a window no layer uses
+    # a multimodal config: the text model's window
+    assert window(LlavaConfig(text_config=MistralConfig(sliding_window=8).to_dict())) == 8
+    # plain attribute configs (no get_text_config, no layer_types)
+    assert window(Model(sliding_window=8)) == 8
+    assert window(Model(sliding_window=8, use_sliding_window=False)) is None
+    assert window(Model(sliding_window=None)) is None
+    # sliding layers with no usable window: assume the smallest, so no prefix cache is used
+    assert window(Model(layer_types=["sliding_attention"], sliding_window=None)) == 1
+    assert window(Model(layer_types=["sliding_attention"], sliding_window=0)) == 1
+
+
+def test_a_one_token_shared_prefix_is_cached(tok):
+    model = tiny_lm("llama")
+    prefix = shared_prefix(model, [[5, 6, 7], [5, 8]], longest=10)
+    assert prefix is not None and prefix.ids == [5]
+    assert shared_prefix(model, [[5, 6, 7], [6, 8]], longest=10) is None  # nothing shared
 
 
 def test_shared_prefix_length():
@@ -200,3 +233,26 @@ def test_stop_rule():
     assert rule.text([1, 9]) == "t1"  # EOS is not text
     assert rule.text([1, 2, 5, 3]) == "t1 "  # cut at the earliest stop string
     assert rule.text([1, 1]) == "t1 t1"
+    assert rule.text([9]) == ""  # EOS at once: an empty completion
+    assert rule.text([1, 2, 9]) == "t1 t2"  # only the EOS is dropped
+    assert rule.text([3, 1, 3]) == ""  # a stop string's first occurrence, even at the start
+
+
+def test_forward_params_and_cache_kwarg_see_through_a_peft_wrapper():
+    class Transformers5Model:  # the forward of a transformers 5 causal LM, as far as it matters
+        def forward(self, input_ids, attention_mask=None, cache=None, logits_to_keep=0, **kw): ...
+
+    class PeftLike:  # like peft.PeftModel: a generic forward, the real one behind get_base_model
+        def forward(self, input_ids=None, attention_mask=None, **kwargs): ...
+
+        def get_base_model(self):
+            return Transformers5Model()
+
+    assert {"cache", "logits_to_keep"} <= set(gen_mod.forward_params(PeftLike()))
+    assert gen_mod.cache_kwarg(PeftLike()) == "cache"
+    assert gen_mod.cache_kwarg(Transformers5Model()) == "cache"
+
+    class Transformers4Model:  # the 4.x name of the cache argument
+        def forward(self, input_ids, past_key_values=None, use_cache=False): ...
+
+    assert gen_mod.cache_kwarg(Transformers4Model()) == "past_key_values"

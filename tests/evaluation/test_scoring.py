@@ -64,6 +64,7 @@ def test_strict_first_versus_flexible_last() -> None:
         ("1,234", 1234.0),
         ("$18.00", 18.0),
         ("18.", 18.0),
+        ("18..", 18.0),  # one trailing '.' is stripped; "18." is then a number
         (" 18 ", 18.0),
         ("-5", -5.0),
         ("-$5", -5.0),
@@ -136,10 +137,21 @@ def test_wilson_edges() -> None:
     lo, hi = wilson_interval(37, 100)
     assert lo < 0.37 < hi
     assert wilson_interval(370, 1000)[1] - wilson_interval(370, 1000)[0] < hi - lo
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^need 0 <= k <= n, got k=5, n=4$"):
         wilson_interval(5, 4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^need 0 <= k <= n, got k=-1, n=4$"):
         wilson_interval(-1, 4)
+
+
+def test_wilson_bounds_are_exact_at_the_edges() -> None:
+    # centre -/+ half rounds to a few ulps off 0 or 1 for many n (e.g. n = 11 and n = 6):
+    # k = 0 and k = n must still give exactly 0 and 1
+    for n in range(1, 100):
+        assert wilson_interval(0, n)[0] == 0.0, n
+        assert wilson_interval(n, n)[1] == 1.0, n
+    # and an interval never leaves [0, 1], even where k < n rounds above 1
+    n = 5000760961864921
+    assert wilson_interval(n - 1, n)[1] == 1.0
 
 
 def test_accuracy() -> None:
@@ -150,7 +162,7 @@ def test_accuracy() -> None:
     assert Accuracy.from_flags([True, False, True]) == Accuracy(2, 3)
     assert str(Accuracy(0, 4)) == "0/4 = 0.0% [0.0%, 49.0%]"
     assert math.isnan(Accuracy(0, 0).value) and str(Accuracy(0, 0)) == "0/0 = n/a"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^need 0 <= correct <= total, got 5/4$"):
         Accuracy(5, 4)
 
 
@@ -162,6 +174,7 @@ def test_accuracy() -> None:
         ("no stop here", ("Question:",), "no stop here"),
         ("Question: at start", ("Question:",), ""),
         ("keep all", ("", "zzz"), "keep all"),  # an empty stop is ignored
+        ("A Question: B Question: C", ("Question:",), "A "),  # a stop's first occurrence
     ],
 )
 def test_truncate_completion(text: str, stops: tuple[str, ...], expected: str) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from eval_helpers import ARCHS, loop_scores, tiny_lm
 
 from sftlens.evaluation.generate import PrefixCache, shared_prefix_length
-from sftlens.evaluation.teacher_forced import answer_scores
+from sftlens.evaluation.teacher_forced import AnswerScores, answer_scores
 
 SHOTS = "Question : how many is 1 + 2 ? Answer : 1 + 2 = 3 . #### 3 " * 3
 
@@ -55,3 +57,14 @@ def test_answer_scores_from_a_shared_prefix_cache(arch, tok):
         assert pe["nll_sum"] == pytest.approx(nll, rel=1e-5)
     with pytest.raises(ValueError, match="start with the prefix"):
         answer_scores(model, tok, ["Question : 1 ?"], [" 1"], prefix=prefix)
+
+
+def test_answer_scores_means_and_rows():
+    s = AnswerScores(nll_sum=3.0, correct=1, tokens=4)
+    assert (s.answer_nll, s.answer_token_acc) == (0.75, 0.25)
+    assert s.rows() == [
+        {"layer": None, "metric": "answer_nll", "value": 0.75},
+        {"layer": None, "metric": "answer_token_acc", "value": 0.25},
+    ]
+    empty = AnswerScores()
+    assert math.isnan(empty.answer_nll) and math.isnan(empty.answer_token_acc)
