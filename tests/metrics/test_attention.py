@@ -140,3 +140,68 @@ def test_bad_inputs_raise() -> None:
 
 def test_docstring_examples() -> None:
     assert doctest.testmod(attention, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
+
+
+def test_error_messages_whole() -> None:
+    attn = torch.full((1, 2, 3, 3), 1 / 3)
+    with pytest.raises(
+        SftlensError,
+        match=r"^query_mask has shape \(1, 2\) but attention needs \(1, 3\); pass a \(batch, queries\) mask$",
+    ):
+        attention_entropy(attn, None, torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(
+        SftlensError, match="^attention has negative entries; pass softmax probabilities, not scores$"
+    ):
+        attention_entropy(-torch.ones(1, 1, 2, 2))
+    none = torch.zeros(1, 3, dtype=torch.bool)
+    msg = r"^no real queries in this batch; check the attention mask \(1 = real token\)$"
+    with pytest.raises(SftlensError, match=msg):
+        attention_entropy(attn, none)
+    with pytest.raises(SftlensError, match=msg):
+        attention_js(attn, attn, none)
+
+
+def test_query_mask_apart_from_key_mask_against_scipy() -> None:
+    """Real queries a strict subset of real keys (fewer queries than keys): each real query's
+    row over the real keys, renormalised, averaged over the real queries only."""
+    rng = np.random.default_rng(6)
+    p, q = _probs((2, H, 5, 5), rng), _probs((2, H, 5, 5), rng, sharp=3.0)
+    kmask = np.array([[True, True, True, True, False], [True, True, True, True, True]])
+    qmask = np.array([[False, True, False, True, False], [True, False, False, False, True]])
+
+    def rows(a: np.ndarray) -> list[np.ndarray]:  # (H, q_real, k_real) renormalised, per item
+        out = []
+        for b in range(2):
+            r = a[b][:, qmask[b]][:, :, kmask[b]]
+            out.append(r / r.sum(-1, keepdims=True))
+        return out
+
+    args = (torch.from_numpy(kmask), torch.from_numpy(qmask))
+    tp, tq = torch.from_numpy(p), torch.from_numpy(q)
+    np.testing.assert_allclose(
+        attention_entropy(tp, *args).numpy(), _np_mean(entropy, rows(p)), atol=1e-12
+    )
+    expected_js = _np_mean(lambda a, b: jensenshannon(a, b) ** 2, rows(p), rows(q))
+    np.testing.assert_allclose(attention_js(tp, tq, *args).numpy(), expected_js, atol=1e-12)
+    assert attention_entropy_sums(tp, *args)[1] == attention_js_sums(tp, tq, *args)[1] == 4
+    # more keys than queries: the count is of queries
+    assert attention_entropy_sums(tp[:, :, :2], args[0], args[1][:, :2])[1] == 2
+    assert attention_js_sums(tp[:, :, :2], tq[:, :, :2], args[0], args[1][:, :2])[1] == 2
+
+
+def test_a_query_with_no_mass_on_real_keys_counts_as_zero_entropy() -> None:
+    """All of a real query's attention on padded keys: nothing to renormalise, the row stays
+    zero (entropy 0) instead of 0/0 = NaN."""
+    attn = torch.tensor([[[[0.5, 0.5, 0.0], [0.0, 0.0, 1.0], [0.2, 0.3, 0.5]]]])
+    kmask = torch.tensor([[True, True, False]])
+    qmask = torch.tensor([[True, True, False]])
+    got = attention_entropy(attn, kmask, qmask)
+    assert float(got[0]) == pytest.approx(math.log(2) / 2, abs=1e-12)
+    assert float(attention_js(attn, attn, kmask, qmask)[0]) == 0.0
+
+
+def test_js_of_a_single_real_query() -> None:
+    p = torch.tensor([1.0, 0.0]).expand(1, 1, 1, 2)
+    one = torch.ones(1, 1, dtype=torch.bool)
+    js = attention_js(p, p.flip(-1), torch.ones(1, 2, dtype=torch.bool), one)
+    assert float(js[0]) == pytest.approx(math.log(2), abs=1e-12)
