@@ -297,3 +297,44 @@ def test_streamed_and_one_shot_cka_std_drop_constant_features_alike(
     one_shot = float(linear_cka(torch.from_numpy(x), torch.from_numpy(y), standardize=True))
     assert one_shot == pytest.approx(want, rel=1e-9, abs=1e-12)
     assert acc.compute(standardize=True) == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_pooled_rows_state_round_trip() -> None:
+    x, _ = _tokens(n=9)
+    acc = PooledRows(6)
+    acc.update(x)
+    state = acc.state_dict()
+    assert list(state) == ["rows"]
+    again = PooledRows(6)
+    again.load_state_dict(state)
+    torch.testing.assert_close(again.rows, acc.rows, rtol=0, atol=0)
+    assert again.compute() == acc.compute()
+
+
+def test_attention_stats_pass_the_query_mask() -> None:
+    """Real queries a strict subset of the real keys: every statistic uses the query mask."""
+    base, sft = _attn(2, 2, 5, 4), _attn(2, 2, 5, 5)
+    kmask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    qmask = torch.tensor([[0, 1, 0, 1, 0], [1, 0, 0, 0, 1]])
+    acc = AttentionStats(2)
+    acc.update(base, sft, kmask, qmask)
+    got = acc.compute()
+
+    def one_shot(*masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            "attn_entropy_base": attention_entropy(base, *masks),
+            "attn_entropy_sft": attention_entropy(sft, *masks),
+            "attn_js": attention_js(base, sft, *masks),
+        }
+
+    want, without_qmask = one_shot(kmask, qmask), one_shot(kmask)
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=1e-12)
+        assert not torch.allclose(v, without_qmask[k])  # the query mask matters here
+    assert float(acc.count) == 4
+
+
+def test_attention_stats_state_lives_on_its_device() -> None:
+    acc = AttentionStats(2, device="meta")  # any device but the CPU default
+    assert acc.device == torch.device("meta")
+    assert all(getattr(acc, n).device == torch.device("meta") for n in AttentionStats._state)
