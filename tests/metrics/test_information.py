@@ -21,6 +21,7 @@ from sftlens.metrics.information import (
     gram_eigenvalues,
     matrix_entropy,
     normalize_rows,
+    paper_dataset_eigenvalues,
 )
 
 
@@ -196,3 +197,19 @@ def test_effective_rank_of_orthonormal_rows_is_their_rank(variant: str) -> None:
 
 def test_docstring_examples() -> None:
     assert doctest.testmod(information, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
+
+
+def test_paper_dataset_spectrum_of_zero_rows_is_degenerate() -> None:
+    """n > d rows all zero: no spread, the spectrum [1, 0, ...] (entropy 0), not 0/0 = NaN."""
+    got = paper_dataset_eigenvalues(torch.zeros(5, 3))
+    assert got.dtype == torch.float64
+    assert got.tolist() == [1.0, 0.0, 0.0]
+    assert float(dataset_entropy(torch.zeros(5, 3), preset="paper")) == 0.0
+
+
+def test_unknown_effective_rank_variant_message() -> None:
+    with pytest.raises(
+        SftlensError,
+        match="^unknown effective-rank variant 'other'; use 'roy_vetterli' or 'sigma2'$",
+    ):
+        effective_rank(_rand(4, 3), variant="other")  # type: ignore[arg-type]
