@@ -150,7 +150,8 @@ def test_error_messages_whole() -> None:
     ):
         attention_entropy(attn, None, torch.ones(1, 2, dtype=torch.bool))
     with pytest.raises(
-        SftlensError, match="^attention has negative entries; pass softmax probabilities, not scores$"
+        SftlensError,
+        match="^attention has negative entries; pass softmax probabilities, not scores$",
     ):
         attention_entropy(-torch.ones(1, 1, 2, 2))
     none = torch.zeros(1, 3, dtype=torch.bool)
