@@ -338,3 +338,11 @@ def test_attention_stats_state_lives_on_its_device() -> None:
     acc = AttentionStats(2, device="meta")  # any device but the CPU default
     assert acc.device == torch.device("meta")
     assert all(getattr(acc, n).device == torch.device("meta") for n in AttentionStats._state)
+
+
+def test_pooled_rows_compute_before_update_message() -> None:
+    with pytest.raises(
+        SftlensError,
+        match=r"^PooledRows\.compute\(\) called before any update; feed at least one prompt$",
+    ):
+        PooledRows(2).compute()
