@@ -346,3 +346,14 @@ def test_pooled_rows_compute_before_update_message() -> None:
         match=r"^PooledRows\.compute\(\) called before any update; feed at least one prompt$",
     ):
         PooledRows(2).compute()
+
+
+def test_prompt_entropy_batched_two_token_prompt_is_normalised_by_log_2() -> None:
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(1, 2, 3, generator=g)
+    one, batch = PromptEntropy(preset="paper"), PromptEntropy(preset="paper")
+    one.update(h[0])
+    batch.update_batch(h, torch.ones(1, 2, dtype=torch.bool))
+    got, want = batch.compute(), one.compute()
+    assert want["prompt_entropy_norm"] > 0
+    assert got["prompt_entropy_norm"] == pytest.approx(want["prompt_entropy_norm"], rel=1e-9)
