@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,9 @@ def load_adapter(model: Any, folder: Path) -> Any:
             "--adapter needs the 'peft' package; pip install 'sftlens[tune]'"
         ) from None
     try:
-        wrapped = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+        with warnings.catch_warnings():  # PEFT reads transformers' deprecated attribute
+            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+            wrapped = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or ["no message"])[0][:160]
         raise SftlensError(
