@@ -278,7 +278,7 @@ def report_section(
     run: Path, rows: list[dict[str, Any]], summary: dict[str, Any]
 ) -> tuple[str, str] | None:
     """(title, html) of the tune section, or None when the run folder holds no tune results."""
-    from sftlens.reporting.html import esc, fmt, image, kv_table, layer_table
+    from sftlens.reporting.html import fmt, image, kv_table, layer_table
 
     if not (run / ADAPTER_DIR).is_dir() or "rank_per_layer" not in summary:
         return None
@@ -308,4 +308,4 @@ def report_section(
             body += image(run / "plots" / name, name)
     columns = tuple(f"lora_dw_{m}" for m in ("q", "k", "v", "o", "attn", "mlp"))
     body += layer_table(rows, columns)
-    return (f"LoRA tuning ({esc(s.get('selection'))})", body)
+    return (f"LoRA tuning ({s.get('selection')})", body)
