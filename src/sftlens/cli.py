@@ -6,9 +6,11 @@ Heavy imports (torch, transformers) happen only inside the chosen subcommand.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from sftlens.config import (
@@ -182,13 +184,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        result = COMMANDS[ns.command][1](ns)
+        with _library_bars(getattr(ns, "progress", True)):
+            result = COMMANDS[ns.command][1](ns)
+        if result is not None:
+            print(result, flush=True)
     except SftlensError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
-    if result is not None:
-        print(result)
+    except BrokenPipeError:  # `sftlens ... | head` closed stdout: not an error of ours
+        # stdout's buffer cannot be flushed any more; point it at devnull so the interpreter's
+        # final flush does not print a second traceback (the recipe in Python's signal docs)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
+
+
+@contextlib.contextmanager
+def _library_bars(enabled: bool) -> Iterator[None]:
+    """``--no-progress`` also silences transformers' and huggingface_hub's own bars.
+
+    ("Loading weights" of every ``from_pretrained``.) Set through the environment before
+    transformers is imported (the CLI imports it lazily) and through its switch when it already
+    is; restored afterwards, so an in-process caller's bars come back.
+    """
+    if enabled:
+        yield
+        return
+    old = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    hf = sys.modules.get("transformers.utils.logging")
+    was_on = hf is not None and hf.is_progress_bar_enabled()
+    if hf is not None:
+        hf.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        else:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = old
+        restore = was_on or hf is None  # loaded inside: its bars were on before we switched
+        hf = sys.modules.get("transformers.utils.logging")
+        if hf is not None and restore:
+            hf.enable_progress_bar()
