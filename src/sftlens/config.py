@@ -173,6 +173,11 @@ class SFTConfig(TrainConfig):
     _command: ClassVar[str] = "sft"
 
     out: str = arg("runs/sft", help="output folder (a standard Hugging Face model folder)")
+    keep_checkpoints: bool = arg(
+        True,
+        help="keep every --save-every snapshot as OUT/checkpoint-STEP (a model folder, e.g. "
+        "for `sftlens trajectory`); else only the newest, removed at the end",
+    )
 
 
 #: ``--targets`` shorthands: the attention projections, or attention and MLP.

@@ -129,7 +129,9 @@ def test_sft_trains_saves_and_resumes_bit_exactly(tiny_pair, tmp_path, monkeypat
     assert main(_sft_args(base, full)) == 0
     state = json.loads((full / "trainer_state.json").read_text())
     assert state["step"] == 4 and [h["step"] for h in state["history"]] == [1, 2, 3, 4]
-    assert not (full / "checkpoint-last").exists()
+    # the step-2 snapshot stays as a model folder, without the optimizer state
+    assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (full / "checkpoint-2" / "optimizer.safetensors").exists()
     trained = load_file(full / "model.safetensors")
     original = load_file(base / "model.safetensors")
     assert any(not torch.equal(trained[k], original[k]) for k in original)
@@ -147,7 +149,7 @@ def test_sft_trains_saves_and_resumes_bit_exactly(tiny_pair, tmp_path, monkeypat
 
     monkeypatch.setattr(torch.optim.AdamW, "step", flaky)
     assert main(_sft_args(base, crashed)) == 130
-    assert (crashed / "checkpoint-last" / "optimizer.safetensors").is_file()
+    assert (crashed / "checkpoint-2" / "optimizer.safetensors").is_file()
     assert not (crashed / "trainer_state.json").exists()
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     assert main(_sft_args(base, crashed)) == 0

@@ -280,12 +280,13 @@ def test_resume_redoes_no_step_keeps_the_history_and_follows_the_checkpoint_sche
     fresh = state(sft(base, tmp_path / "fresh", data, **kw))
 
     out = tmp_path / "run"
-    (out / "checkpoint-last.tmp").mkdir(parents=True)  # left by a save that was killed
-    (out / "checkpoint-last.tmp" / "junk").write_text("x")
+    (out / "checkpoint-3.tmp").mkdir(parents=True)  # left by a save that was killed
+    (out / "checkpoint-3.tmp" / "junk").write_text("x")
     calls = _crash_on_step(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         sft(base, out, data, **kw)
-    ckpt = json.loads((out / "checkpoint-last" / "trainer_state.json").read_text())
+    assert not (out / "checkpoint-3.tmp").exists()
+    ckpt = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert ckpt["step"] == 3  # saved after step 3 only (every 3 steps)
     assert [h["step"] for h in ckpt["history"]] == [1, 2, 3]
     calls["n"] = -100
@@ -295,13 +296,77 @@ def test_resume_redoes_no_step_keeps_the_history_and_follows_the_checkpoint_sche
     assert [h["step"] for h in st["history"]] == [1, 2, 3, 4, 5]
     for a, b in zip(st["history"], fresh["history"], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["tokens"] == b["tokens"]
-    assert not (out / "checkpoint-last").exists()
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]  # the snapshot stays
 
     # without --save-every a killed run leaves no checkpoint
     calls = _crash_on_step(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         sft(base, tmp_path / "nosave", data, **{**kw, "save_every": 0})
-    assert not (tmp_path / "nosave" / "checkpoint-last").exists()
+    assert not list((tmp_path / "nosave").glob("checkpoint-*"))
+
+
+def _files(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def test_save_every_keeps_a_model_folder_per_save_ordered_by_step(
+    tiny_pair, tmp_path, monkeypatch
+):
+    """``--save-every 2`` of 10 steps: checkpoint-2 ... checkpoint-8 stay as loadable model
+    folders (a trajectory); only the newest carries the optimizer while training, none after."""
+    from safetensors.torch import load_file
+
+    from sftlens.models.loading import load_model
+    from sftlens.tuning.sft import list_checkpoints
+
+    base, _ = tiny_pair
+    data = write_data(tmp_path / "d.jsonl")
+    kw = dict(steps=10, batch_size=1, grad_accum=1, save_every=2, lr=5e-3)
+    out = tmp_path / "run"
+    _crash_on_step(monkeypatch, 7)  # killed during step 7: checkpoints 2, 4, 6 written
+    with pytest.raises(KeyboardInterrupt):
+        sft(base, out, data, **kw)
+    assert [s for s, _ in list_checkpoints(out)] == [2, 4, 6]
+    assert "optimizer.safetensors" in _files(out / "checkpoint-6")
+    assert "optimizer.safetensors" not in _files(out / "checkpoint-4")  # snapshots stay light
+    monkeypatch.undo()
+    sft(base, out, data, **kw)  # resumes from checkpoint-6
+    found = list_checkpoints(out)
+    assert [s for s, _ in found] == [2, 4, 6, 8]
+    assert [s for s, _ in list_checkpoints(tmp_path / "d.jsonl")] == []
+    previous = load_file(base / "model.safetensors")
+    for step, path in found:
+        st = json.loads((path / "trainer_state.json").read_text())
+        assert st["step"] == step and [h["step"] for h in st["history"]] == list(range(1, step + 1))
+        assert not {"optimizer.safetensors", "optimizer.json"} & _files(path)
+        load_model(path, device="cpu")  # a complete model folder
+        weights = load_file(path / "model.safetensors")
+        assert any(not torch.equal(weights[k], previous[k]) for k in previous), step
+        previous = weights
+    # the last snapshot is the same training as the final model, 2 steps earlier: the history
+    final = state(out)["history"]
+    assert json.loads((found[-1][1] / "trainer_state.json").read_text())["history"] == final[:8]
+
+    # a rerun of ANOTHER config into the same folder drops the old run's snapshots
+    sft(base, out, data, **{**kw, "steps": 3, "save_every": 0})
+    assert list_checkpoints(out) == []
+
+
+def test_no_keep_checkpoints_keeps_only_the_newest_and_removes_it_at_the_end(
+    tiny_pair, tmp_path, monkeypatch
+):
+    base, _ = tiny_pair
+    data = write_data(tmp_path / "d.jsonl")
+    kw = dict(steps=6, batch_size=1, grad_accum=1, save_every=2, keep_checkpoints=False)
+    out = tmp_path / "run"
+    _crash_on_step(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        sft(base, out, data, **kw)
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"]
+    monkeypatch.undo()
+    sft(base, out, data, **kw)
+    assert not list(out.glob("checkpoint-*"))
+    assert state(out)["step"] == 6
 
 
 def test_a_save_killed_over_a_finished_run_leaves_nothing_to_reuse(

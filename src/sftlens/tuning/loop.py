@@ -26,7 +26,7 @@ from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_json, config_hash, read_json
 
 # Config fields that do not change the trained weights: ignore them when deciding to resume.
-NOT_HASHED = {"out", "progress", "save_every", "device"}
+NOT_HASHED = {"out", "progress", "save_every", "keep_checkpoints", "device"}
 
 
 def config_key(

@@ -2,9 +2,11 @@
 
 The loop (answer-only loss, AdamW with warmup then cosine decay, gradient accumulation, seeded
 data order, data parallelism) is :func:`sftlens.tuning.loop.train_loop`, shared with ``tune``.
-Every ``save_every`` steps the model, optimizer and scheduler are saved to
-``OUT/checkpoint-last`` (safetensors + JSON, no pickle); a rerun with the same config resumes
-from there, and a finished run is not trained again.
+Every ``save_every`` steps the model is saved to ``OUT/checkpoint-STEP`` (a model folder:
+safetensors + JSON, no pickle, as transformers' Trainer names them) with the optimizer and
+scheduler beside it in the newest one only; a rerun with the same config resumes from the newest,
+and a finished run is not trained again. The snapshots stay (``keep_checkpoints``, the default:
+a training trajectory to analyse) or only the newest is kept and removed at the end.
 
 The output folder is a standard Hugging Face model folder (``config.json``,
 ``model.safetensors``, tokenizer files) plus ``trainer_state.json``.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -43,6 +46,7 @@ __all__ = [
     "collate",
     "encode_example",
     "example_order",
+    "list_checkpoints",
     "load_optimizer",
     "save_optimizer",
     "train_sft",
@@ -50,7 +54,56 @@ __all__ = [
 
 log = logging.getLogger("sftlens.sft")
 
-CHECKPOINT = "checkpoint-last"
+#: where sftlens before 0.2 kept its one resumable checkpoint (removed when found)
+LEGACY_CHECKPOINT = "checkpoint-last"
+_OPTIMIZER_FILES = ("optimizer.safetensors", "optimizer.json")
+
+
+def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    """Complete ``checkpoint-STEP`` subfolders of ``folder`` as ``(step, path)``, by step.
+
+    Ordered by the number, not the name (``checkpoint-100`` after ``checkpoint-20``); a save
+    that was killed (no ``trainer_state.json`` yet, or a ``.tmp`` folder) is left out. Reads
+    the folders of ``sftlens sft`` and of transformers' Trainer alike.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> for name in ("checkpoint-100", "checkpoint-20", "checkpoint-5.tmp", "checkpoint-7"):
+    ...     (d / name).mkdir()
+    >>> for name in ("checkpoint-100", "checkpoint-20"):
+    ...     _ = (d / name / "trainer_state.json").write_text("{}")
+    >>> [step for step, _ in list_checkpoints(d)]
+    [20, 100]
+    """
+    found = []
+    for path in Path(folder).glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if m and (path / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def _resumable(out: Path, key: str) -> Path | None:
+    """The newest checkpoint of this config that still holds its optimizer state."""
+    for _, path in reversed(list_checkpoints(out)):
+        if read_json(path / "trainer_state.json").get("config_hash") == key and all(
+            (path / f).is_file() for f in _OPTIMIZER_FILES
+        ):
+            return path
+    return None
+
+
+def _prune(out: Path, keep: Path | None, keep_snapshots: bool) -> None:
+    """After a save: older checkpoints lose their optimizer state (snapshots) or go entirely."""
+    for _, path in list_checkpoints(out):
+        if path == keep:
+            continue
+        if keep_snapshots:
+            for f in _OPTIMIZER_FILES:
+                (path / f).unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(out / LEGACY_CHECKPOINT, ignore_errors=True)
 
 
 def train_sft(cfg: SFTConfig) -> Path:
@@ -68,22 +121,25 @@ def train_sft(cfg: SFTConfig) -> Path:
         log.info("SFT already finished in %s (same config, model and data): reusing it", out)
         return out
 
-    ckpt = out / CHECKPOINT
-    resume = (ckpt / "trainer_state.json").is_file() and read_json(ckpt / "trainer_state.json").get(
-        "config_hash"
-    ) == key
+    ckpt = _resumable(out, key)
     from accelerate import Accelerator
 
     # one process: a no-op wrapper; under torchrun / accelerate launch: DDP over the ranks
     accel = Accelerator(cpu=cfg.device == "cpu")
+    if ckpt is None and accel.is_main_process:
+        # snapshots of another config (or killed saves) must not join this run's trajectory
+        stale = [p for _, p in list_checkpoints(out)] + list(out.glob("checkpoint-*.tmp"))
+        if stale:
+            log.warning("removing %d checkpoint folder(s) of an earlier run in %s", len(stale), out)
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+    accel.wait_for_everyone()
     torch.manual_seed(cfg.seed)
-    model, tok = load_model(
-        ckpt if resume else model_dir, dtype=cfg.dtype, device=str(accel.device)
-    )
+    model, tok = load_model(ckpt or model_dir, dtype=cfg.dtype, device=str(accel.device))
     model.train()
     opt, sched = make_optimizer(cfg, list(model.parameters()))
     start, history = 0, []
-    if resume:
+    if ckpt is not None:
         load_optimizer(opt, sched, ckpt)
         st = read_json(ckpt / "trainer_state.json")
         start, history = int(st["step"]), list(st["history"])
@@ -91,8 +147,11 @@ def train_sft(cfg: SFTConfig) -> Path:
     model, opt = accel.prepare(model, opt)
 
     def checkpoint(history: list[dict[str, Any]]) -> None:
-        state = {"step": history[-1]["step"], "history": history, "config_hash": key}
-        _save(accel.unwrap_model(model), tok, ckpt, state, unwrap_optimizer(opt), sched)
+        step = history[-1]["step"]
+        state = {"step": step, "history": history, "config_hash": key}
+        folder = out / f"checkpoint-{step}"
+        _save(accel.unwrap_model(model), tok, folder, state, unwrap_optimizer(opt), sched)
+        _prune(out, keep=folder, keep_snapshots=cfg.keep_checkpoints)
 
     t0 = time.perf_counter()
     history = train_loop(
@@ -122,7 +181,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     accel.wait_for_everyone()
     if accel.is_main_process:
         _save(accel.unwrap_model(model), tok, out, state)
-        shutil.rmtree(ckpt, ignore_errors=True)
+        _prune(out, keep=None, keep_snapshots=cfg.keep_checkpoints)
     accel.wait_for_everyone()
     return out
 
@@ -134,7 +193,7 @@ def _save(
 
     ``trainer_state.json`` is written last: its presence marks a complete save.
     """
-    if folder.name == CHECKPOINT:
+    if folder.name.startswith("checkpoint-"):
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
