@@ -309,9 +309,7 @@ def _files(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()}
 
 
-def test_save_every_keeps_a_model_folder_per_save_ordered_by_step(
-    tiny_pair, tmp_path, monkeypatch
-):
+def test_save_every_keeps_a_model_folder_per_save_ordered_by_step(tiny_pair, tmp_path, monkeypatch):
     """``--save-every 2`` of 10 steps: checkpoint-2 ... checkpoint-8 stay as loadable model
     folders (a trajectory); only the newest carries the optimizer while training, none after."""
     from safetensors.torch import load_file
