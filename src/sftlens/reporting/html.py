@@ -16,7 +16,7 @@ Row = dict[str, Any]
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}
+table{border-collapse:collapse;font-size:12px;margin:.5em 0;display:block;max-width:100%;overflow-x:auto}td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}
 th{background:#f5f5f5}td.l,th.l{text-align:left}.kv td{text-align:left}
 img{max-width:100%;border:1px solid #eee;margin:.4em 0}.note{color:#555;font-size:.92em}
 code{background:#f3f3f3;padding:0 3px}
