@@ -30,7 +30,7 @@ from sftlens.config import (
 )
 from sftlens.errors import SftlensError
 
-DT = "('float32', 'bfloat16', 'float16')"
+DT = "('auto', 'float32', 'bfloat16', 'float16')"
 # (config class, invalid field values, the exact message)
 CASES: list[tuple[type, dict, str]] = [
     (WeightsConfig, {"base": ""}, "weights needs two models: BASE and SFT"),
