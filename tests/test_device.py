@@ -176,6 +176,26 @@ def test_fsdp_leaves_the_weights_for_accelerate_to_place():
     assert load_device(fsdp) is None and load_device(ddp) == "cuda:1"
 
 
+def test_fsdp1_without_orig_params_is_refused_with_the_fix():
+    from accelerate.utils import DistributedType
+
+    from sftlens.tuning.loop import check_fsdp
+
+    def accel(version: int, orig: bool) -> SimpleNamespace:
+        plugin = SimpleNamespace(use_orig_params=orig)
+        return SimpleNamespace(
+            distributed_type=DistributedType.FSDP,
+            is_fsdp2=version == 2,
+            state=SimpleNamespace(fsdp_plugin=plugin),
+        )
+
+    with pytest.raises(SftlensError, match="^FSDP1 without fsdp_use_orig_params.*fsdp_version: 2"):
+        check_fsdp(accel(1, orig=False))
+    check_fsdp(accel(1, orig=True))
+    check_fsdp(accel(2, orig=False))
+    check_fsdp(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a CPU-only machine")
 def test_training_on_cuda_without_a_gpu_fails_clearly():
     from sftlens.tuning.loop import make_accelerator

@@ -50,7 +50,23 @@ def make_accelerator(cfg: TrainConfig) -> Any:
 
     # a clear error for --device cuda without a GPU (accelerate would fall back to the CPU)
     device = resolve_device(cfg.device, env={})
-    return Accelerator(cpu=device == "cpu")
+    accel = Accelerator(cpu=device == "cpu")
+    check_fsdp(accel)
+    return accel
+
+
+def check_fsdp(accel: Any) -> None:
+    """Refuse an FSDP1 config whose sharding would leave the optimizer behind: the optimizer is
+    built before ``accel.prepare`` shards the model, which FSDP2 (``fsdp_version: 2``) remaps
+    and FSDP1 follows only with ``fsdp_use_orig_params: true``."""
+    if not uses_fsdp(accel) or accel.is_fsdp2:
+        return
+    plugin = getattr(accel.state, "fsdp_plugin", None)
+    if not getattr(plugin, "use_orig_params", True):
+        raise SftlensError(
+            "FSDP1 without fsdp_use_orig_params would train nothing here; set "
+            "fsdp_version: 2 (or fsdp_use_orig_params: true) in the accelerate config"
+        )
 
 
 def uses_fsdp(accel: Any) -> bool:
