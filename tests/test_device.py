@@ -264,3 +264,29 @@ def test_tune_refuses_fsdp_with_the_fix(tiny_pair, tmp_path, monkeypatch):
                      max_examples=4, steps=1, device="cpu", progress=False)  # fmt: skip
     with pytest.raises(SftlensError, match="^tune does not run under FSDP.*launch it with DDP"):
         tune.run_tune(cfg)
+
+
+def test_example_fsdp_config_is_what_accelerate_reads(monkeypatch):
+    """examples/accelerate/fsdp.yaml, parsed by accelerate's own launcher, asks for what
+    docs/scale.md says (FSDP2, per-layer units, activation checkpointing, bf16, full state dict)."""
+    from pathlib import Path
+
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "fsdp.yaml"
+    parser = launch_command_parser()
+    args = parser.parse_args(["--config_file", str(path), "-m", "sftlens", "sft", "MODEL"])
+    args, _, _ = _validate_launch_command(args)
+    assert args.use_fsdp and args.mixed_precision == "bf16"
+    env = prepare_multi_gpu_env(args)
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    for key, value in env.items():
+        if key.startswith("FSDP_"):
+            monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert plugin.activation_checkpointing and plugin.cpu_ram_efficient_loading
+    assert plugin.transformer_cls_names_to_wrap is None  # the model's _no_split_modules
+    assert str(plugin.state_dict_type).endswith("FULL_STATE_DICT")
