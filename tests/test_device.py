@@ -127,6 +127,19 @@ def test_representation_state_moves_to_a_device_except_the_pooled_rows():
     assert all(v.dtype == torch.float64 for _, v in _states(acc))
 
 
+def test_a_state_moved_inside_inference_mode_stays_updatable_after_it():
+    """analyze runs its pass under torch.inference_mode: a state moved there must not become
+    inference tensors, which no in-place update (load_state_dict, another pass) may touch
+    outside the block."""
+    from sftlens.representations import RepresentationPass
+
+    acc = RepresentationPass(num_layers=1, hidden=3, num_heads=1)
+    with torch.inference_mode():
+        acc.to_("meta")  # a real move (to CUDA on a GPU): a new tensor is made in the block
+    assert not any(v.is_inference() for _, v in _states(acc))
+    acc.layers[0].cka.sxx.add_(1.0)  # allowed outside the block
+
+
 def test_run_pass_moves_the_state_to_the_models_device_before_feeding_it(tiny_pair, monkeypatch):
     """A state restored from a checkpoint lives on the CPU; run_pass moves it to the models'
     device (a GPU: no host copy per batch, NCCL can reduce it) before the first update."""

@@ -79,8 +79,12 @@ class _Accumulator:
         """Move the state to ``device`` in place (the models' device: no host copy per batch,
         and NCCL reduces CUDA tensors). The state stays float64 there."""
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        for name in self._state:
-            setattr(self, name, getattr(self, name).to(self.device))
+        # plain tensors even when called under torch.inference_mode (analyze runs its pass in
+        # one): an inference tensor could not be updated in place after the block (resume,
+        # a second pass)
+        with torch.inference_mode(False):
+            for name in self._state:
+                setattr(self, name, getattr(self, name).to(self.device))
 
     def all_reduce_(self) -> None:
         """Sum every state tensor over ranks in place (no-op without a process group)."""

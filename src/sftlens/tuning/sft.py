@@ -71,7 +71,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     # one process: a no-op wrapper; under torchrun / accelerate launch: DDP (or FSDP) over ranks
     accel = make_accelerator(cfg)
     reset_peak_memory(accel.device)  # this run's own peak (peak_memory_mb in trainer_state.json)
-    key = config_key(cfg, model_dir, examples, **precision_key(accel))
+    key = config_key(cfg, model_dir, examples, frozenset(), **precision_key(accel))
     state_path = out / "trainer_state.json"
     if state_path.is_file() and read_json(state_path).get("config_hash") == key:
         log.info("SFT already finished in %s (same config, model and data): reusing it", out)
