@@ -268,6 +268,41 @@ def test_sft_under_fsdp_saves_the_gathered_weights_and_skips_sharded_checkpoints
     assert state["mixed_precision"] == "no" and state["peak_memory_mb"] > 0
 
 
+def test_sft_under_fsdp_does_not_resume_a_checkpoint_saved_without_it(
+    tiny_pair, tmp_path, monkeypatch
+):
+    """A DDP run's checkpoint-last holds whole-model optimizer state: FSDP starts over."""
+    from sftlens.tuning import loop, sft
+
+    def crash(history):
+        raise KeyboardInterrupt
+
+    real_loop = loop.train_loop
+
+    def loop_then_crash(cfg, **kw):  # checkpoint at step 1, then stop as if killed
+        kw["checkpoint"] = lambda h, save=kw["checkpoint"]: (save(h), crash(h))
+        return real_loop(cfg, **kw)
+
+    monkeypatch.setattr(sft, "train_loop", loop_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        _sft(tiny_pair[0], tmp_path / "run", "synthetic")
+    assert (tmp_path / "run" / "checkpoint-last" / "trainer_state.json").is_file()
+    monkeypatch.setattr(sft, "train_loop", real_loop)
+    monkeypatch.setattr(loop, "uses_fsdp", lambda accel: True)
+    monkeypatch.setattr(sft, "uses_fsdp", lambda accel: True)
+    steps = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(
+        torch.optim.AdamW,
+        "step",
+        lambda self, *a, **k: (steps.append(1), real_step(self, *a, **k))[1],
+    )
+    out = _sft(tiny_pair[0], tmp_path / "run", "synthetic")
+    assert len(steps) == 3  # all three steps again (a resume would run 2)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["history"]] == [1, 2, 3]
+
+
 def test_tune_refuses_fsdp_with_the_fix(tiny_pair, tmp_path, monkeypatch):
     from sftlens.config import TuneConfig
     from sftlens.tuning import tune

@@ -81,6 +81,9 @@ def train_sft(cfg: SFTConfig) -> Path:
     resume = (ckpt / "trainer_state.json").is_file() and read_json(ckpt / "trainer_state.json").get(
         "config_hash"
     ) == key
+    if resume and uses_fsdp(accel):  # its optimizer state is a whole model's, not a shard's
+        log.warning("FSDP: not resuming from %s (saved without FSDP); starting over", ckpt)
+        resume = False
     torch.manual_seed(cfg.seed)
     model, tok = load_model(
         ckpt if resume else model_dir, dtype=cfg.dtype, device=load_device(accel)
