@@ -189,7 +189,8 @@ def test_sft_on_cuda_matches_cpu_and_auto_keeps_float32_master_weights(tiny_pair
         assert a["loss"] == pytest.approx(b["loss"], **FP32)
     wa, wb = (load_file(tmp_path / o / "model.safetensors") for o in ("gpu", "cpu"))
     for k in wb:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-5)
+        # Adam divides by sqrt(v): rounding noise in a tiny gradient moves its step most
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "auto"])
