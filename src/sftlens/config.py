@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -94,9 +95,18 @@ def _check(ok: bool, message: str) -> None:
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def _device(device: str) -> None:
+    _check(
+        re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device) is not None,
+        f"--device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got '{device}'",
+    )
+
+
 def _dtype(dtype: str, device: str, on_cuda: str = "bfloat16") -> str:
-    """Check ``--dtype`` and resolve ``auto`` for ``--device``: ``on_cuda`` on a GPU, float32 on
-    CPU (bf16 matmuls are ~100x slower there). The config then records the dtype that runs."""
+    """Check ``--device`` and ``--dtype``, and resolve ``auto`` for the device: ``on_cuda`` on a
+    GPU, float32 on CPU (bf16 matmuls are ~100x slower there). The config then records the
+    dtype that runs."""
+    _device(device)
     _check(dtype in DTYPES, f"--dtype must be one of {DTYPES}, got '{dtype}'")
     from sftlens.models.loading import pick_dtype
 
@@ -120,6 +130,7 @@ class WeightsConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.base) and bool(self.sft), "weights needs two models: BASE and SFT")
+        _device(self.device)
 
 
 @dataclass
