@@ -48,9 +48,8 @@ def make_accelerator(cfg: TrainConfig) -> Any:
 
     from sftlens.models.loading import resolve_device
 
-    # a clear error for --device cuda without a GPU (accelerate would fall back to the CPU)
-    device = resolve_device(cfg.device, env={})
-    accel = Accelerator(cpu=device == "cpu")
+    resolve_device(cfg.device, env={})  # --device cuda without a GPU: an error, not the CPU
+    accel = Accelerator(cpu=cfg.device == "cpu")
     check_fsdp(accel)
     return accel
 
