@@ -274,7 +274,8 @@ def train_loop(
             raise SftlensError(
                 f"step {step}: no answer tokens survive --max-length {cfg.max_length}; raise it"
             )
-        total = 0.0
+        # the step's loss stays on the device until the one read per step (no sync per micro-batch)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for b in micro:
             b = {k: v.to(device) for k, v in b.items()}
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
@@ -282,8 +283,8 @@ def train_loop(
             # mean over every answer token of the global batch
             loss = answer_loss_sum(logits, b["labels"]) * world / n_tokens
             accel.backward(loss)
-            total += loss.item() / world
-        total = float(accel.reduce(torch.tensor(total, device=device), reduction="sum"))
+            loss_sum += loss.detach().double() / world
+        total = float(accel.reduce(loss_sum, reduction="sum"))
         if not math.isfinite(total):
             raise SftlensError(f"{desc} loss became {total} at step {step}; lower --lr")
         if cfg.max_grad_norm > 0:
