@@ -228,3 +228,20 @@ def test_sft_sharded_by_fsdp2_on_two_cpu_ranks_equals_one_process(tiny_pair, tmp
     assert moved > 1e-4  # training moved the weights: equal weights are not the start point
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(
+    shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
+    reason="torchrun not installed",
+)
+def test_torchrun_with_the_default_device_on_a_cpu_machine_trains_ddp(tiny_pair, tmp_path):
+    """``--device auto`` without a GPU under torchrun: accelerate must be told cpu=True, or
+    each rank trains alone (world_size 1) into the same folder."""
+    base, _ = tiny_pair
+    _torchrun_two_ranks(
+        ["sft", str(base), "--data", "synthetic", "--max-examples", "8", "--steps", "1",
+         "--batch-size", "2", "--max-length", "48", "--no-progress", "--out", str(tmp_path / "o")],
+        port=29537,
+    )  # fmt: skip
+    state = json.loads((tmp_path / "o" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2

@@ -230,3 +230,70 @@ def test_torchrun_two_gpus_analyze_equals_one_gpu(tiny_pair, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
     assert_close_tables(metrics(tmp_path / "two"), metrics(tmp_path / "one"), FP32)
+
+
+def _launch(launcher: list[str], args: list[str]) -> None:
+    proc = subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _bin(name: str) -> str:
+    path = shutil.which(name, path=os.path.dirname(sys.executable))
+    assert path is not None, f"{name} is not installed next to {sys.executable}"
+    return path
+
+
+TWO_GPUS = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs"
+)
+
+
+def _sft_args(out: Path, batch: int) -> list[str]:
+    return ["-m", "sftlens", "sft", "--max-examples", "16", "--steps", "3", "--batch-size",
+            str(batch), "--lr", "1e-3", "--max-length", "64", "--save-every", "2",
+            "--data", "synthetic", "--no-progress", "--out", str(out)]  # fmt: skip
+
+
+def _compare_sft(a: Path, b: Path, tol: dict[str, float]) -> None:
+    from safetensors.torch import load_file
+
+    sa, sb = (json.loads((x / "trainer_state.json").read_text()) for x in (a, b))
+    assert sa["world_size"] == 2 and sb["world_size"] == 1
+    assert [h["tokens"] for h in sa["history"]] == [h["tokens"] for h in sb["history"]]
+    for x, y in zip(sa["history"], sb["history"]):
+        assert x["loss"] == pytest.approx(y["loss"], **tol)
+    wa, wb = (load_file(x / "model.safetensors") for x in (a, b))
+    assert wa.keys() == wb.keys()
+    for k in wb:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
+
+
+@TWO_GPUS
+def test_torchrun_two_gpus_sft_ddp_equals_one_gpu(tiny_pair, tmp_path):
+    """DDP over NCCL: the same global batch as one GPU with twice the micro-batch."""
+    base = str(tiny_pair[0])
+    args = _sft_args(tmp_path / "ddp", 2)
+    args.insert(3, base)
+    _launch([_bin("torchrun"), "--nproc-per-node", "2", "--master-port", "29545"], args[:])
+    single = _sft_args(tmp_path / "one", 4)
+    single.insert(3, base)
+    assert main(single[2:]) == 0
+    _compare_sft(tmp_path / "ddp", tmp_path / "one", FP32)
+
+
+@TWO_GPUS
+def test_accelerate_fsdp_example_config_trains_sft_like_one_gpu(tiny_pair, tmp_path):
+    """examples/accelerate/fsdp.yaml on 2 GPUs (mixed precision off, to compare in float32):
+    sharded training gives one GPU's losses and weights, and a standard model folder."""
+    config = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "fsdp.yaml"
+    base = str(tiny_pair[0])
+    args = _sft_args(tmp_path / "fsdp", 2)
+    args.insert(3, base)
+    launcher = [_bin("accelerate"), "launch", "--config_file", str(config)]
+    launcher += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29546"]
+    _launch(launcher, args)
+    assert not (tmp_path / "fsdp" / "checkpoint-last").exists()
+    single = _sft_args(tmp_path / "one", 4)
+    single.insert(3, base)
+    assert main(single[2:]) == 0
+    _compare_sft(tmp_path / "fsdp", tmp_path / "one", FP32)

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import resource
 import sys
 import time
@@ -48,10 +49,29 @@ def make_accelerator(cfg: TrainConfig) -> Any:
 
     from sftlens.models.loading import resolve_device
 
-    resolve_device(cfg.device, env={})  # --device cuda without a GPU: an error, not the CPU
-    accel = Accelerator(cpu=cfg.device == "cpu")
+    device = resolve_device(cfg.device, env={})  # --device cuda without a GPU: an error
+    accel = Accelerator(cpu=accelerate_cpu(cfg.device, device, world_size()))
     check_fsdp(accel)
     return accel
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def accelerate_cpu(option: str, device: str, world: int) -> bool:
+    """accelerate's ``cpu=`` for ``--device option`` (resolved: ``device``) in ``world`` ranks.
+
+    ``--device cpu``; and ``auto`` without a GPU under a launcher, where accelerate sets up
+    gloo DDP only when told ``cpu=True`` (else every rank would train alone). One process
+    with ``auto`` leaves the choice to accelerate (Apple's MPS, for one).
+
+    >>> accelerate_cpu("cpu", "cpu", 1), accelerate_cpu("auto", "cpu", 2)
+    (True, True)
+    >>> accelerate_cpu("auto", "cpu", 1), accelerate_cpu("auto", "cuda:1", 2)
+    (False, False)
+    """
+    return option == "cpu" or (world > 1 and device == "cpu")
 
 
 def check_fsdp(accel: Any) -> None:
