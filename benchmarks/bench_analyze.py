@@ -17,6 +17,9 @@ from analyze's (they compute the same quantity). Usage:
 
     python benchmarks/bench_analyze.py --base smollm2-135m-instruct \
         --sft runs/smollm2-gsm8k-sft --prompts 256 1024 --text question
+
+On a GPU add ``--device cuda`` (``--dtype auto``: bf16 weights; float64 sums on the GPU); the
+variants then also report their peak GPU memory (``torch.cuda.max_memory_allocated``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,16 @@ import time
 from pathlib import Path
 
 
-def child(variant: str, base: str, sft: str, prompts: int, text: str, batch_size: int) -> dict:
+def child(
+    variant: str,
+    base: str,
+    sft: str,
+    prompts: int,
+    text: str,
+    batch_size: int,
+    device: str = "cpu",
+    dtype: str = "auto",
+) -> dict:
     import torch
 
     from sftlens.capture import make_batches, tokenize
@@ -39,8 +51,9 @@ def child(variant: str, base: str, sft: str, prompts: int, text: str, batch_size
     from sftlens.models.loading import load_model, resolve_model
 
     torch.set_grad_enabled(False)
-    b_model, tok = load_model(resolve_model(base))
-    s_model, _ = load_model(resolve_model(sft))
+    b_model, tok = load_model(resolve_model(base), dtype=dtype, device=device)
+    s_model, _ = load_model(resolve_model(sft), dtype=dtype, device=device)
+    dev = next(b_model.parameters()).device
     examples = resolve_dataset("gsm8k", split="test", limit=prompts)
     texts = [
         format_question(e.question) + (format_target(e.answer) if text == "qa" else "")
@@ -71,6 +84,7 @@ def child(variant: str, base: str, sft: str, prompts: int, text: str, batch_size
         for batch in make_batches(
             ids, batch_size=batch_size, pad_id=tok.pad_token_id, indices=order
         ):
+            batch = batch.to(dev)
             for m in models:
                 m(
                     input_ids=batch.input_ids,
@@ -94,6 +108,8 @@ def child(variant: str, base: str, sft: str, prompts: int, text: str, batch_size
         cka = [r["value"] for r in rows if r["model"] == "pair" and r["metric"] == "cka"]
     elif variant in ("paper", "paper-gram"):
         cka = paper_approach(b_model, s_model, tok, texts, batch_size, gram=variant == "paper-gram")
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)  # the kernels queued above are part of the time
     seconds = time.perf_counter() - t0
     return {
         "variant": variant,
@@ -101,6 +117,12 @@ def child(variant: str, base: str, sft: str, prompts: int, text: str, batch_size
         "tokens": tokens,
         "seconds": seconds,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # models, activations and (analyze) the float64 sums on the GPU
+        "peak_gpu_mib": torch.cuda.max_memory_allocated(dev) / 2**20
+        if dev.type == "cuda"
+        else None,
+        "device": str(dev),
+        "dtype": str(next(b_model.parameters()).dtype).removeprefix("torch."),
         "cka": cka,
     }
 
@@ -127,7 +149,9 @@ def paper_approach(b_model, s_model, tok, texts, batch_size, *, gram: bool) -> l
 
     ids = tokenize(tok, texts, max_length=512)
     states = {"base": [], "sft": []}  # [prompt][layer] -> (n_tokens, d)
+    dev = next(b_model.parameters()).device
     for batch in make_batches(ids, batch_size=batch_size, pad_id=tok.pad_token_id):
+        batch = batch.to(dev)
         for name, m in (("base", b_model), ("sft", s_model)):
             hs = m(
                 input_ids=batch.input_ids,
@@ -141,7 +165,9 @@ def paper_approach(b_model, s_model, tok, texts, batch_size, *, gram: bool) -> l
 
     def gram_entropy(z):  # paper: rows normalised, not centred, G/d + 1e-6 I
         z = torch.nn.functional.normalize(z.double(), dim=1)
-        g = z @ z.T / z.shape[1] + 1e-6 * torch.eye(z.shape[0], dtype=torch.float64)
+        g = z @ z.T / z.shape[1] + 1e-6 * torch.eye(
+            z.shape[0], dtype=torch.float64, device=z.device
+        )
         lam = torch.linalg.eigvalsh(g / torch.trace(g)).clamp(min=0)
         return float(alpha_entropy_from_eigenvalues(lam))
 
@@ -184,6 +210,7 @@ CHEAP = ("plain", "body", "analyze")
 def run_child(a: argparse.Namespace, variant: str, n: int) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--base", a.base, "--sft", a.sft]
     cmd += ["--prompts", str(n), "--text", a.text, "--batch-size", str(a.batch_size)]
+    cmd += ["--device", a.device, "--dtype", a.dtype]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         print(f"{variant} @ {n} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -223,11 +250,18 @@ def main() -> None:
     p.add_argument(
         "--repeats", type=int, default=1, help="runs of plain/body/analyze (medians reported)"
     )
+    p.add_argument(
+        "--device", default="cpu", help="'cpu', 'cuda', 'cuda:N' or 'auto' (every variant)"
+    )
+    p.add_argument(
+        "--dtype", default="auto", help="model dtype: 'auto' (bf16 on a GPU, float32 on CPU) ..."
+    )
     p.add_argument("--json", type=Path, help="also write the numbers here")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print(json.dumps(child(a.child, a.base, a.sft, a.prompts[0], a.text, a.batch_size)))
+        r = child(a.child, a.base, a.sft, a.prompts[0], a.text, a.batch_size, a.device, a.dtype)
+        print(json.dumps(r))
         return
     results = []
     for n in a.prompts:
@@ -242,9 +276,11 @@ def main() -> None:
                         f"{variant:>10} prompts={n:5d} tokens={r['tokens']:7d} skipped: {r['skipped']}"
                     )
                     continue
+                gpu = r.get("peak_gpu_mib")
                 print(
                     f"{variant:>10} prompts={n:5d} tokens={r['tokens']:7d} {r['seconds']:8.1f} s  "
-                    f"{r['peak_rss_mib']:8.0f} MiB",
+                    f"{r['peak_rss_mib']:8.0f} MiB"
+                    + (f"  GPU peak {gpu:8.0f} MiB" if gpu is not None else ""),
                     flush=True,
                 )
     results = [median_of(results, n, v) for n in a.prompts for v in a.variants]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import shutil
@@ -179,3 +180,68 @@ def test_torchrun_two_gloo_ranks_train_the_same_lora_adapter_as_one_process(tiny
     assert wa.keys() == wb.keys() and len(wa) == 3 * 4 * 2
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(
+    shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
+    reason="torchrun not installed",
+)
+def test_sft_sharded_by_fsdp2_on_two_cpu_ranks_equals_one_process(tiny_pair, tmp_path):
+    """sft's FSDP path with real sharding: accelerate's FSDP2 forced onto 2 gloo ranks
+    (``fsdp_cpu_launch.py``). Same losses and final weights as one process with the global
+    batch, and no resumable checkpoint on the way."""
+    from safetensors.torch import load_file
+
+    base, _ = tiny_pair
+    options = dict(
+        model=str(base), data="synthetic", max_examples=16, steps=3, lr=1e-3, max_length=64,
+        save_every=1, device="cpu", progress=False,
+    )  # fmt: skip
+    script = os.path.join(os.path.dirname(__file__), "fsdp_cpu_launch.py")
+    config = json.dumps({**options, "batch_size": 2, "out": str(tmp_path / "fsdp")})
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run(
+        [torchrun, "--nproc-per-node", "2", "--master-port", "29536", script, config],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FSDP: no resumable checkpoint" in proc.stderr
+    assert not (tmp_path / "fsdp" / "checkpoint-last").exists()
+    assert main(
+        ["sft", str(base), "--data", "synthetic", "--max-examples", "16", "--steps", "3",
+         "--batch-size", "4", "--lr", "1e-3", "--max-length", "64", "--device", "cpu",
+         "--no-progress", "--out", str(tmp_path / "single")]
+    ) == 0  # fmt: skip
+    fsdp, single = (
+        json.loads((tmp_path / o / "trainer_state.json").read_text()) for o in ("fsdp", "single")
+    )
+    assert fsdp["world_size"] == 2
+    assert [h["tokens"] for h in fsdp["history"]] == [h["tokens"] for h in single["history"]]
+    for a, b in zip(fsdp["history"], single["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    wa, wb = (load_file(tmp_path / o / "model.safetensors") for o in ("fsdp", "single"))
+    assert wa.keys() == wb.keys()
+    moved = max(float((wb[k] - load_file(base / "model.safetensors")[k]).abs().max()) for k in wb)
+    assert moved > 1e-4  # training moved the weights: equal weights are not the start point
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(
+    shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
+    reason="torchrun not installed",
+)
+def test_torchrun_with_the_default_device_on_a_cpu_machine_trains_ddp(tiny_pair, tmp_path):
+    """``--device auto`` without a GPU under torchrun: accelerate must be told cpu=True, or
+    each rank trains alone (world_size 1) into the same folder."""
+    base, _ = tiny_pair
+    _torchrun_two_ranks(
+        ["sft", str(base), "--data", "synthetic", "--max-examples", "8", "--steps", "1",
+         "--batch-size", "2", "--max-length", "48", "--no-progress", "--out", str(tmp_path / "o")],
+        port=29537,
+    )  # fmt: skip
+    state = json.loads((tmp_path / "o" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2

@@ -75,7 +75,7 @@ def run_weights(cfg: WeightsConfig, run: RunFolder | None = None) -> Path:
     )
 
     def compute() -> list[dict[str, Any]]:
-        result = weight_diff(base_dir, sft_dir, progress=cfg.progress)
+        result = weight_diff(base_dir, sft_dir, progress=cfg.progress, device=cfg.device)
         run.write_summary(
             {"pair": dataclasses.asdict(result.info), "weights": _weights_summary(result.rows)}
         )

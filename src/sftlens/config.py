@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -91,7 +92,25 @@ def _check(ok: bool, message: str) -> None:
         raise SftlensError(message)
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _device(device: str) -> None:
+    _check(
+        re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device) is not None,
+        f"--device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got '{device}'",
+    )
+
+
+def _dtype(dtype: str, device: str, on_cuda: str = "bfloat16") -> str:
+    """Check ``--device`` and ``--dtype``, and resolve ``auto`` for the device: ``on_cuda`` on a
+    GPU, float32 on CPU (bf16 matmuls are ~100x slower there). The config then records the
+    dtype that runs."""
+    _device(device)
+    _check(dtype in DTYPES, f"--dtype must be one of {DTYPES}, got '{dtype}'")
+    from sftlens.models.loading import pick_dtype
+
+    return pick_dtype(dtype, device, on_cuda=on_cuda)
 
 
 @dataclass
@@ -101,11 +120,17 @@ class WeightsConfig:
     base: str = arg(help="BASE model: folder, .gguf file, hub id or alias", positional=True)
     sft: str = arg(help="SFT model: folder, .gguf file, hub id or alias", positional=True)
     out: str = arg("runs/weights", help="run folder for metrics.csv, plots and report.html")
+    device: str = arg(
+        "cpu",
+        help="where the differences are reduced (float64): 'cpu', 'cuda', 'cuda:N' or 'auto' "
+        "(the run is bound by reading the files; a GPU saves little)",
+    )
     allow_pickle: bool = arg(False, help="allow reading pickle (*.bin) checkpoints you trust")
     progress: bool = arg(True, help="show progress bars")
 
     def __post_init__(self) -> None:
         _check(bool(self.base) and bool(self.sft), "weights needs two models: BASE and SFT")
+        _device(self.device)
 
 
 @dataclass
@@ -117,6 +142,9 @@ class TrainConfig:
     """
 
     _command: ClassVar[str] = "train"
+    #: ``--dtype auto`` on a GPU: full SFT keeps float32 master weights (bf16 weights would
+    #: round away small updates; bf16 compute comes from accelerate's mixed precision)
+    _auto_cuda_dtype: ClassVar[str] = "float32"
 
     model: str = arg(
         help="model to fine-tune: folder, .gguf file, hub id or alias", positional=True
@@ -140,8 +168,12 @@ class TrainConfig:
     )
     seed: int = arg(0, help="seed for data order and initialisation")
     save_every: int = arg(50, help="save a resumable checkpoint every N steps (0: only at the end)")
-    dtype: str = arg("float32", help="training dtype (fp32 on CPU: bf16 matmuls are ~100x slower)")
-    device: str = arg("auto", help="'auto', 'cpu' or 'cuda'")
+    dtype: str = arg(
+        "auto",
+        help="weights dtype: 'auto' (float32 on CPU, where bf16 matmuls are ~100x slower; on a "
+        "GPU float32 for sft, bfloat16 for the frozen base of tune), float32, bfloat16, float16",
+    )
+    device: str = arg("auto", help="'auto' (cuda when a GPU is visible), 'cpu', 'cuda' or 'cuda:N'")
     progress: bool = arg(True, help="show progress bars")
 
     def __post_init__(self) -> None:
@@ -163,7 +195,7 @@ class TrainConfig:
             self.prompt_format in ("qa", "chat"),
             f"--prompt-format must be 'qa' or 'chat', got '{self.prompt_format}'",
         )
-        _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got '{self.dtype}'")
+        self.dtype = _dtype(self.dtype, self.device, self._auto_cuda_dtype)
 
 
 @dataclass
@@ -195,6 +227,8 @@ class TuneConfig(TrainConfig):
     """
 
     _command: ClassVar[str] = "tune"
+    #: the base is frozen: bf16 on a GPU (PEFT keeps the LoRA weights in float32)
+    _auto_cuda_dtype: ClassVar[str] = "bfloat16"
 
     out: str = arg("runs/tune", help="output folder (adapter/, summary.json, metrics.csv, report)")
     lr: float = arg(2e-4, help="peak learning rate (AdamW)")
@@ -316,8 +350,12 @@ class AnalyzeConfig:
     attention: bool = arg(
         True, help="attention entropy and base-vs-SFT JS divergence (eager attention)"
     )
-    dtype: str = arg("float32", help="model dtype (reductions are float64 regardless)")
-    device: str = arg("auto", help="'auto', 'cpu' or 'cuda'")
+    dtype: str = arg(
+        "auto",
+        help="model dtype: 'auto' (bfloat16 on a GPU, float32 on CPU), float32, bfloat16, "
+        "float16 (reductions are float64 regardless)",
+    )
+    device: str = arg("auto", help="'auto' (cuda when a GPU is visible), 'cpu', 'cuda' or 'cuda:N'")
     allow_pickle: bool = arg(False, help="allow reading pickle (*.bin) checkpoints you trust")
     progress: bool = arg(True, help="show progress bars")
 
@@ -341,7 +379,7 @@ class AnalyzeConfig:
             self.pooling in ("mean", "last"),
             f"--pooling must be 'mean' or 'last', got '{self.pooling}'",
         )
-        _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got '{self.dtype}'")
+        self.dtype = _dtype(self.dtype, self.device)
 
 
 # -- experiments and evaluation -----------------------------------------------------------------
@@ -408,8 +446,10 @@ class EvalConfig:
     teacher_forced: bool = arg(
         True, help="also score answer_nll / answer_token_acc on gold answers"
     )
-    dtype: str = arg("float32", help="model dtype")
-    device: str = arg("auto", help="'auto', 'cpu' or 'cuda'")
+    dtype: str = arg(
+        "auto", help="model dtype: 'auto' (bfloat16 on a GPU, float32 on CPU) or a dtype name"
+    )
+    device: str = arg("auto", help="'auto' (cuda when a GPU is visible), 'cpu', 'cuda' or 'cuda:N'")
     allow_pickle: bool = arg(False, help="allow reading pickle (*.bin) checkpoints you trust")
     progress: bool = arg(True, help="show progress bars")
 
@@ -418,7 +458,7 @@ class EvalConfig:
         check_generation(self)
         _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         _check(self.role in ("base", "sft"), f"--role must be 'base' or 'sft', got '{self.role}'")
-        _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got '{self.dtype}'")
+        self.dtype = _dtype(self.dtype, self.device)
 
 
 LENSES = ("logit", "tuned", "both")
@@ -457,8 +497,12 @@ class ProbeConfig:
     tuned_steps: int = arg(250, help="Adam steps of the tuned-lens fit (one batch each)")
     tuned_lr: float = arg(1e-3, help="Adam learning rate of the tuned-lens fit")
     seed: int = arg(0, help="seed of the tuned-lens training order")
-    dtype: str = arg("float32", help="model dtype (reductions are float64 regardless)")
-    device: str = arg("auto", help="'auto', 'cpu' or 'cuda'")
+    dtype: str = arg(
+        "auto",
+        help="model dtype: 'auto' (bfloat16 on a GPU, float32 on CPU), float32, bfloat16, "
+        "float16 (reductions are float64 regardless)",
+    )
+    device: str = arg("auto", help="'auto' (cuda when a GPU is visible), 'cpu', 'cuda' or 'cuda:N'")
     allow_pickle: bool = arg(False, help="allow reading pickle (*.bin) checkpoints you trust")
     progress: bool = arg(True, help="show progress bars")
 
@@ -478,7 +522,7 @@ class ProbeConfig:
         _check(self.tuned_prompts >= 1, f"--tuned-prompts must be >= 1, got {self.tuned_prompts}")
         _check(self.tuned_steps >= 1, f"--tuned-steps must be >= 1, got {self.tuned_steps}")
         _check(self.tuned_lr > 0, f"--tuned-lr must be > 0, got {self.tuned_lr}")
-        _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got '{self.dtype}'")
+        self.dtype = _dtype(self.dtype, self.device)
 
 
 @dataclass
@@ -509,8 +553,10 @@ class SwapConfig:
     chat: bool = chat_arg()
     max_new_tokens: int = max_new_tokens_arg()
     fewshot_data: str | None = fewshot_data_arg()
-    dtype: str = arg("float32", help="model dtype")
-    device: str = arg("auto", help="'auto', 'cpu' or 'cuda'")
+    dtype: str = arg(
+        "auto", help="model dtype: 'auto' (bfloat16 on a GPU, float32 on CPU) or a dtype name"
+    )
+    device: str = arg("auto", help="'auto' (cuda when a GPU is visible), 'cpu', 'cuda' or 'cuda:N'")
     allow_pickle: bool = arg(False, help="allow reading pickle (*.bin) checkpoints you trust")
     progress: bool = arg(True, help="show progress bars")
 
@@ -528,7 +574,7 @@ class SwapConfig:
         _check(self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
         _check(self.gsm8k >= 0, f"--gsm8k must be >= 0, got {self.gsm8k}")
         check_generation(self)
-        _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got '{self.dtype}'")
+        self.dtype = _dtype(self.dtype, self.device)
 
 
 @dataclass
@@ -564,8 +610,10 @@ class InterpolateConfig:
     chat: bool = chat_arg()
     max_new_tokens: int = max_new_tokens_arg()
     fewshot_data: str | None = fewshot_data_arg()
-    dtype: str = arg("float32", help="model dtype")
-    device: str = arg("auto", help="'auto', 'cpu' or 'cuda'")
+    dtype: str = arg(
+        "auto", help="model dtype: 'auto' (bfloat16 on a GPU, float32 on CPU) or a dtype name"
+    )
+    device: str = arg("auto", help="'auto' (cuda when a GPU is visible), 'cpu', 'cuda' or 'cuda:N'")
     allow_pickle: bool = arg(False, help="allow reading pickle (*.bin) checkpoints you trust")
     progress: bool = arg(True, help="show progress bars")
 
@@ -584,7 +632,7 @@ class InterpolateConfig:
         _check(self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
         _check(self.gsm8k >= 0, f"--gsm8k must be >= 0, got {self.gsm8k}")
         check_generation(self)
-        _check(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got '{self.dtype}'")
+        self.dtype = _dtype(self.dtype, self.device)
 
 
 # -- tuning ---------------------------------------------------------------------------------------
@@ -670,6 +718,7 @@ class SweepConfig(TuneConfig):
             if f.init and f.name != "from_run"
         }
         TuneConfig(**shared)  # the training options, checked as tune checks them
+        self.dtype = _dtype(self.dtype, self.device, self._auto_cuda_dtype)
         masks = parse_masks(self.masks, self.blocks)
         _check(
             "auto" not in masks or bool(self.from_run),

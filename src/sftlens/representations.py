@@ -145,6 +145,12 @@ class RepresentationPass:
         for acc in self.accumulators().values():
             acc.all_reduce_()
 
+    def to_(self, device: torch.device | str) -> None:
+        """Keep the float64 sums on ``device`` (the models'): no host copy of every batch's
+        states, and NCCL can all-reduce them. Pooled rows stay in host memory."""
+        for acc in self.accumulators().values():
+            acc.to_(device)
+
     def rows(self) -> tuple[list[Row], list[Row]]:
         """(metrics.csv rows, heads.csv rows)."""
         rows: list[Row] = []
@@ -267,6 +273,7 @@ def run_pass(
         )
     )
     device = next(base.parameters()).device
+    acc.to_(device)
     mine = [i for i in range(len(batches)) if i % world_size == rank and i >= start_batch]
     for i in tqdm(mine, desc="analyze", unit="batch", disable=not progress):
         batch = batches[i].to(device)

@@ -62,16 +62,17 @@ _CHUNK_BYTES = 16 << 20  # rows read per step: ~16 MiB of each tensor
 
 
 def _streamed_sq(
-    ra: CheckpointReader, rb: CheckpointReader, name: str, rows: int
+    ra: CheckpointReader, rb: CheckpointReader, name: str, rows: int, device: str = "cpu"
 ) -> tuple[float, float]:
-    """(||a-b||^2, ||a||^2) over the first ``rows`` rows, read in ~16 MiB row blocks."""
+    """(||a-b||^2, ||a||^2) over the first ``rows`` rows, read in ~16 MiB row blocks and reduced
+    on ``device``."""
     shape = ra.shape(name)
     per_row = max(1, math.prod(shape[1:]) * 4)
     step = max(1, _CHUNK_BYTES // per_row)
     diff = base = 0.0
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        a, b = ra.get_rows(name, start, stop), rb.get_rows(name, start, stop)
+        a, b = ra.get_rows(name, start, stop).to(device), rb.get_rows(name, start, stop).to(device)
         diff += frobenius_sq_diff(a, b)
         base += frobenius_sq(a)
     return diff, base
@@ -103,9 +104,18 @@ def _check_vocab(name: str, sa: tuple[int, ...], sb: tuple[int, ...], what: str)
     return sa[0]
 
 
-def weight_diff(base: str | Path, sft: str | Path, *, progress: bool = True) -> WeightDiff:
-    """Per-layer weight distances between two local checkpoint folders (see module doc)."""
+def weight_diff(
+    base: str | Path, sft: str | Path, *, progress: bool = True, device: str = "cpu"
+) -> WeightDiff:
+    """Per-layer weight distances between two local checkpoint folders (see module doc).
+
+    The files are read on the CPU; the float64 reductions run on ``device`` ('auto', 'cpu',
+    'cuda', 'cuda:N'). Sums differ across devices by rounding only (same float32 differences,
+    float64 sums in another order)."""
     from sftlens.models import surgery
+    from sftlens.models.loading import resolve_device
+
+    device = resolve_device(device)
 
     rb, rs = CheckpointReader(base), CheckpointReader(sft)
     info = check_pair(rb.config, rs.config)
@@ -134,7 +144,8 @@ def weight_diff(base: str | Path, sft: str | Path, *, progress: bool = True) -> 
                     extra[f"{role.group}_added_rows"] = float(added.shape[0])
                     extra[f"{role.group}_added_norm"] = math.sqrt(frobenius_sq(added))
                 sums.add_sq(
-                    [(None, role.group), (None, "total")], *_streamed_sq(rb, rs, name, shared)
+                    [(None, role.group), (None, "total")],
+                    *_streamed_sq(rb, rs, name, shared, device),
                 )
                 continue
             if sa != sb:
@@ -155,14 +166,18 @@ def weight_diff(base: str | Path, sft: str | Path, *, progress: bool = True) -> 
             elif role.group == "norm":
                 keys.append((layer, "norm"))
             elif role.proj in ("qkv", "gate_up"):  # fused: split by the architecture's layout
-                pa = surgery.split_fused(spec, config, role.proj, rb.get(name), role.kind)
-                pb = surgery.split_fused(spec, config, role.proj, rs.get(name), role.kind)
+                pa = surgery.split_fused(
+                    spec, config, role.proj, rb.get(name).to(device), role.kind
+                )
+                pb = surgery.split_fused(
+                    spec, config, role.proj, rs.get(name).to(device), role.kind
+                )
                 for part in pa:  # the parts partition the tensor, so their sums are its sums
                     sums.add([*keys, (layer, part), (layer, role.group)], pa[part], pb[part])
                 continue
             else:
                 keys += [(layer, role.proj), (layer, role.group)]
-            sums.add_sq(keys, *_streamed_sq(rb, rs, name, sa[0] if sa else 1))
+            sums.add_sq(keys, *_streamed_sq(rb, rs, name, sa[0] if sa else 1, device))
     rows = _rows(sums, extra, info, tied="lm_head" not in {k for _, k in sums.diff})
     return WeightDiff(info=info, rows=rows)
 

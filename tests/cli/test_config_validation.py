@@ -30,11 +30,15 @@ from sftlens.config import (
 )
 from sftlens.errors import SftlensError
 
-DT = "('float32', 'bfloat16', 'float16')"
+DT = "('auto', 'float32', 'bfloat16', 'float16')"
+DEV = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 # (config class, invalid field values, the exact message)
 CASES: list[tuple[type, dict, str]] = [
     (WeightsConfig, {"base": ""}, "weights needs two models: BASE and SFT"),
     (WeightsConfig, {"sft": ""}, "weights needs two models: BASE and SFT"),
+    (WeightsConfig, {"device": "gpu"}, f"--device must be {DEV}, got 'gpu'"),
+    (AnalyzeConfig, {"device": "cuda0"}, f"--device must be {DEV}, got 'cuda0'"),
+    (SFTConfig, {"device": "tpu"}, f"--device must be {DEV}, got 'tpu'"),
     (SFTConfig, {"split": "test"}, "sft refuses to train on the test split; use --split train"),
     (SFTConfig, {"steps": 0}, "--steps must be >= 1, got 0"),
     (SFTConfig, {"batch_size": 0}, "--batch-size must be >= 1, got 0"),

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
+import torch
 from eval_helpers import ARCHS, loop_scores, tiny_lm
 
 from sftlens.evaluation.generate import PrefixCache, shared_prefix_length
@@ -68,3 +70,34 @@ def test_answer_scores_means_and_rows():
     ]
     empty = AnswerScores()
     assert math.isnan(empty.answer_nll) and math.isnan(empty.answer_token_acc)
+
+
+class _Oracle(torch.nn.Module):
+    """Predicts the next token exactly in rows of more than ``cut`` real tokens, nothing in the
+    others (all-zero logits: argmax 0, never a label here): per-row hit counts differ."""
+
+    def __init__(self, vocab: int, cut: int) -> None:
+        super().__init__()
+        self.vocab, self.cut = vocab, cut
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the model a device
+
+    def forward(self, input_ids, attention_mask, **_):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        nxt = torch.roll(input_ids, -1, dims=1)  # the token each position must predict
+        good = attention_mask.sum(-1) > self.cut
+        logits[good] = torch.nn.functional.one_hot(nxt[good], self.vocab).float() * 10
+        return SimpleNamespace(logits=logits)
+
+
+def test_per_example_scores_belong_to_their_own_row(tok):
+    """The per-row sums are computed on the device in one go: each example must get its own
+    row's hits, not a neighbour's (a random model hits nothing, so the loop test cannot tell)."""
+    prompts = ["Question : 7 ? Answer :", SHOTS + "Question : a ? Answer :", "Question : 5 ?"]
+    targets = [" 1 + 6 = 7 . #### 7", " 2 #### 2", " 5 + 5 = 10 #### 10"]
+    cut = 30
+    got = answer_scores(_Oracle(len(tok), cut), tok, prompts, targets, batch_size=3)
+    lengths = [len(tok(p + t)["input_ids"]) + 1 for p, t in zip(prompts, targets)]  # + EOS
+    want = [pe["tokens"] if n > cut else 0 for pe, n in zip(got.per_example, lengths)]
+    assert [pe["correct"] for pe in got.per_example] == want
+    assert 0 < sum(want) < sum(pe["tokens"] for pe in got.per_example)  # rows differ
+    assert got.correct == sum(want)

@@ -244,8 +244,9 @@ def test_trainer_state_and_sftlens_sft_json_record_the_run(tiny_pair, tmp_path):
     st = state(out)
     assert set(st) == {
         "step", "history", "config_hash", "config", "base_model", "train_examples",
-        "train_tokens", "seconds_this_run", "world_size",
+        "train_tokens", "seconds_this_run", "world_size", "mixed_precision", "peak_memory_mb",
     }  # fmt: skip
+    assert st["mixed_precision"] == "no" and st["peak_memory_mb"] > 0
     assert st["step"] == 2 and [h["step"] for h in st["history"]] == [1, 2]
     assert set(st["history"][0]) == {"step", "loss", "tokens", "lr", "seconds"}
     assert st["base_model"] == str(resolve_model(str(base)))

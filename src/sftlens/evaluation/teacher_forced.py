@@ -123,17 +123,24 @@ def answer_scores(
         nll = torch.nn.functional.cross_entropy(logits, gold, reduction="none").double()
         hit = logits.argmax(-1) == gold
         owner = keep.nonzero()[:, 0]  # batch row of each answer token
+        # per-row sums on the device, read back in one transfer (not 3 syncs per row)
+        nll_rows = nll.new_zeros(len(idx)).index_add_(0, owner, nll)
+        hit_rows = torch.zeros(len(idx), dtype=torch.long, device=nll.device)
+        hit_rows.index_add_(0, owner, hit.long())
+        nll_list, hit_list, n_list = (
+            nll_rows.tolist(),
+            hit_rows.tolist(),
+            keep.sum(-1).tolist(),
+        )
         for row, i in enumerate(idx):
-            sel = owner == row
-            n = int(sel.sum())
             out.per_example[i] = {
-                "nll_sum": float(nll[sel].sum()),
-                "correct": int(hit[sel].sum()),
-                "tokens": n,
+                "nll_sum": nll_list[row],
+                "correct": hit_list[row],
+                "tokens": n_list[row],
             }
         out.nll_sum += float(nll.sum())
-        out.correct += int(hit.sum())
-        out.tokens += int(keep.sum())
+        out.correct += sum(hit_list)
+        out.tokens += sum(n_list)
     if out.tokens == 0:
         raise SftlensError(
             f"no answer tokens survive --max-length {max_length}; raise it or shorten the prompts"

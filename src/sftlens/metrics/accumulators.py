@@ -4,7 +4,10 @@ They keep float64 sums only and reuse the pure functions of :mod:`sftlens.metric
 formula. For data-parallel analysis call ``all_reduce_()`` ONCE on every rank after the last
 ``update`` and before ``compute``: it sums the state over ranks when ``torch.distributed`` is
 initialised and does nothing otherwise. Create the accumulator on the device the process group
-communicates on (``device="cuda"`` for NCCL). ``compute`` returns values keyed by their
+communicates on (``device="cuda"`` for NCCL), or move it there with ``to_``. The state is
+float64 on every device: exact enough for the moment sums' cancellation (``sxx - sx sx^T / n``)
+even with massive-activation features; on a GPU with slow float64 (consumer cards run it at
+1/32-1/64 of float32) it is the one cost to expect, still far below the same sums on the CPU. ``compute`` returns values keyed by their
 ``metrics.csv`` names.
 """
 
@@ -71,6 +74,17 @@ class _Accumulator:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         for name in self._state:
             getattr(self, name).copy_(state[name])
+
+    def to_(self, device: Device) -> None:
+        """Move the state to ``device`` in place (the models' device: no host copy per batch,
+        and NCCL reduces CUDA tensors). The state stays float64 there."""
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        # plain tensors even when called under torch.inference_mode (analyze runs its pass in
+        # one): an inference tensor could not be updated in place after the block (resume,
+        # a second pass)
+        with torch.inference_mode(False):
+            for name in self._state:
+                setattr(self, name, getattr(self, name).to(self.device))
 
     def all_reduce_(self) -> None:
         """Sum every state tensor over ranks in place (no-op without a process group)."""
@@ -248,6 +262,9 @@ class PooledRows(_Accumulator):
         super().__init__("cpu")
         self.d = d
         self._rows: list[Tensor] = []
+
+    def to_(self, device: Device) -> None:
+        """No-op: the pooled rows grow with the dataset and stay in host memory."""
 
     def update(self, rows: Tensor) -> None:
         """Add pooled vectors, (P, d) or one (d,)."""

@@ -238,7 +238,7 @@ def paper_dataset_eigenvalues(z: Tensor) -> Tensor:
     sigma_sq = torch.linalg.svdvals(normalize_rows(z, center=False)).square()  # (d,)
     total = sigma_sq.sum()
     if total <= 0:  # all rows zero: no spread, the degenerate spectrum [1, 0, ...]
-        return torch.nn.functional.one_hot(torch.tensor(0), d).to(torch.float64)
+        return torch.nn.functional.one_hot(torch.tensor(0, device=z.device), d).to(torch.float64)
     return sigma_sq / total
 
 

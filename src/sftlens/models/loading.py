@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -155,32 +156,103 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return table[dtype]
 
 
-def resolve_device(device: str) -> str:
+def _cuda_available() -> bool:
     import torch
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return torch.cuda.is_available()
+
+
+def resolve_device(
+    device: str, *, cuda_available: bool | None = None, env: Mapping[str, str] | None = None
+) -> str:
+    """The torch device a ``--device`` value means in this process.
+
+    ``auto`` is ``cuda`` when a GPU is visible, else ``cpu``. Under ``torchrun`` /
+    ``accelerate launch`` (``LOCAL_RANK`` set) a bare ``cuda`` is this rank's own GPU, so that
+    the ranks of a node do not all load their models onto GPU 0. ``cuda_available`` and ``env``
+    default to this machine's.
+
+    >>> resolve_device("auto", cuda_available=False)
+    'cpu'
+    >>> resolve_device("auto", cuda_available=True, env={})
+    'cuda'
+    >>> resolve_device("cuda", cuda_available=True, env={"LOCAL_RANK": "3"})
+    'cuda:3'
+    >>> resolve_device("cuda:1", cuda_available=True, env={"LOCAL_RANK": "3"})  # explicit wins
+    'cuda:1'
+    """
+    if device not in ("auto", "cuda"):
+        return device
+    if not (_cuda_available() if cuda_available is None else cuda_available):
+        if device == "cuda":
+            raise SftlensError(
+                "--device cuda but torch sees no CUDA GPU; install a CUDA build of torch "
+                "(or check CUDA_VISIBLE_DEVICES), or pass --device cpu"
+            )
+        return "cpu"
+    local_rank = (os.environ if env is None else env).get("LOCAL_RANK")
+    return f"cuda:{int(local_rank)}" if local_rank else "cuda"
+
+
+#: what ``--dtype auto`` means: bf16 weights on a GPU, float32 on CPU (where bf16 matmuls
+#: are ~100x slower)
+AUTO_DTYPES = {"cpu": "float32", "cuda": "bfloat16"}
+
+
+def pick_dtype(
+    dtype: str, device: str, *, cuda_available: bool | None = None, on_cuda: str = "bfloat16"
+) -> str:
+    """The concrete dtype name of ``--dtype`` on ``--device``: ``auto`` becomes ``on_cuda``
+    (bf16 unless the command asks otherwise) when the device resolves to a GPU, else float32;
+    any other value is returned as it is.
+
+    >>> pick_dtype("auto", "auto", cuda_available=False)
+    'float32'
+    >>> pick_dtype("auto", "auto", cuda_available=True)
+    'bfloat16'
+    >>> pick_dtype("auto", "cpu", cuda_available=True)
+    'float32'
+    >>> pick_dtype("float16", "cpu")
+    'float16'
+    """
+    if dtype != "auto":
+        return dtype
+    if device == "cpu":  # no need to ask torch
+        return AUTO_DTYPES["cpu"]
+    kind = torch_device_type(resolve_device(device, cuda_available=cuda_available, env={}))
+    return on_cuda if kind == "cuda" else AUTO_DTYPES["cpu"]
+
+
+def torch_device_type(device: str) -> str:
+    """``cuda:1`` -> ``cuda``, ``cpu`` -> ``cpu``.
+
+    >>> torch_device_type("cuda:1")
+    'cuda'
+    """
+    return device.split(":", 1)[0]
 
 
 def load_model(
     spec: str | os.PathLike[str],
     *,
     dtype: str = "float32",
-    device: str = "auto",
+    device: str | None = "auto",
     attn_implementation: str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` in eval mode. fp32 on CPU by default (bf16 is ~100x slower there).
 
+    ``dtype="auto"``: bf16 on a GPU, float32 on CPU (:func:`pick_dtype`). ``device=None``
+    leaves the weights where ``from_pretrained`` put them (CPU, or meta on the ranks > 0 of an
+    FSDP launch with ``cpu_ram_efficient_loading``), for ``accelerate`` to place.
     Pass ``attn_implementation="eager"`` when attention weights are needed.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_model(spec, allow_pickle=allow_pickle)
     kwargs: dict[str, Any] = {
-        "dtype": resolve_dtype(dtype),
+        "dtype": resolve_dtype(pick_dtype(dtype, device or "cpu")),
         "trust_remote_code": trust_remote_code,
         "use_safetensors": not allow_pickle,
     }
@@ -198,6 +270,7 @@ def load_model(
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model.to(resolve_device(device))  # type: ignore[arg-type]
+    if device is not None:  # None: leave it where from_pretrained put it (FSDP shards it)
+        model.to(resolve_device(device))  # type: ignore[arg-type]
     model.eval()
     return model, tok

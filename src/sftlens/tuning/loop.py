@@ -11,8 +11,13 @@ order as one process with ``world`` times the micro-batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
+import os
+import resource
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,8 +30,84 @@ from sftlens.config import TrainConfig
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_json, config_hash, read_json
 
+log = logging.getLogger("sftlens.train")
+
 # Config fields that do not change the trained weights: ignore them when deciding to resume.
 NOT_HASHED = {"out", "progress", "save_every", "keep_checkpoints", "device"}
+
+
+def make_accelerator(cfg: TrainConfig) -> Any:
+    """accelerate's ``Accelerator`` for a training command.
+
+    One process: a thin wrapper on ``--device``. Under ``torchrun`` / ``accelerate launch``: DDP
+    over the ranks, each on its own GPU, or FSDP when the launch's accelerate config asks for
+    it (``sft`` only; see docs/scale.md). Mixed precision comes from the launch
+    (``accelerate launch --mixed_precision bf16``, ``ACCELERATE_MIXED_PRECISION=bf16`` or the
+    accelerate config), never implicitly: it is recorded and part of the resume key.
+    """
+    from accelerate import Accelerator
+
+    from sftlens.models.loading import resolve_device
+
+    device = resolve_device(cfg.device, env={})  # --device cuda without a GPU: an error
+    accel = Accelerator(cpu=accelerate_cpu(cfg.device, device, world_size()))
+    check_fsdp(accel)
+    return accel
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def accelerate_cpu(option: str, device: str, world: int) -> bool:
+    """accelerate's ``cpu=`` for ``--device option`` (resolved: ``device``) in ``world`` ranks.
+
+    ``--device cpu``; and ``auto`` without a GPU under a launcher, where accelerate sets up
+    gloo DDP only when told ``cpu=True`` (else every rank would train alone). One process
+    with ``auto`` leaves the choice to accelerate (Apple's MPS, for one).
+
+    >>> accelerate_cpu("cpu", "cpu", 1), accelerate_cpu("auto", "cpu", 2)
+    (True, True)
+    >>> accelerate_cpu("auto", "cpu", 1), accelerate_cpu("auto", "cuda:1", 2)
+    (False, False)
+    """
+    return option == "cpu" or (world > 1 and device == "cpu")
+
+
+def check_fsdp(accel: Any) -> None:
+    """Refuse an FSDP1 config whose sharding would leave the optimizer behind: the optimizer is
+    built before ``accel.prepare`` shards the model, which FSDP2 (``fsdp_version: 2``) remaps
+    and FSDP1 follows only with ``fsdp_use_orig_params: true``."""
+    if not uses_fsdp(accel) or accel.is_fsdp2:
+        return
+    plugin = getattr(accel.state, "fsdp_plugin", None)
+    if not getattr(plugin, "use_orig_params", True):
+        raise SftlensError(
+            "FSDP1 without fsdp_use_orig_params would train nothing here; set "
+            "fsdp_version: 2 (or fsdp_use_orig_params: true) in the accelerate config"
+        )
+
+
+def uses_fsdp(accel: Any) -> bool:
+    """True when the launch asked accelerate for FSDP (an accelerate config with ``fsdp_config``)."""
+    from accelerate.utils import DistributedType
+
+    return bool(accel.distributed_type == DistributedType.FSDP)
+
+
+def load_device(accel: Any) -> str | None:
+    """Where ``load_model`` puts the weights: the rank's device, or None under FSDP (they stay
+    on the CPU, or on meta with ``fsdp_cpu_ram_efficient_loading``, and FSDP moves each rank's
+    shard to its GPU in ``accel.prepare``)."""
+    return None if uses_fsdp(accel) else str(accel.device)
+
+
+def precision_key(accel: Any) -> dict[str, str]:
+    """``{"mixed_precision": "bf16"}`` for :func:`config_key` when the launch turned mixed
+    precision on (a bf16-autocast run never resumes an fp32 one); empty when off, so that the
+    keys of earlier runs still match."""
+    mp = str(accel.mixed_precision)
+    return {} if mp == "no" else {"mixed_precision": mp}
 
 
 def config_key(
@@ -167,7 +248,17 @@ def train_loop(
         return format_chat(tok, q) if cfg.prompt_format == "chat" else format_question(q)
 
     rank, world, device = accel.process_index, accel.num_processes, accel.device
-    params = [p for p in model.parameters() if p.requires_grad]
+    # all of them (frozen ones have no gradient and are skipped): accelerate clips an FSDP model
+    # with its own clip_grad_norm_ (global norm over shards) only when given all its parameters
+    params = list(model.parameters())
+    save_every = cfg.save_every
+    if save_every and uses_fsdp(accel):
+        save_every = 0
+        if accel.is_main_process:
+            log.warning(
+                "FSDP: no resumable checkpoint is written every --save-every steps (the sharded "
+                "optimizer state is not saved yet); the final model is"
+            )
     # global batch = batch_size x grad_accum x world; rank r takes its own slice of each
     # micro-batch's positions, so every rank sees different examples in the same seeded order
     per_step = cfg.batch_size * cfg.grad_accum * world
@@ -203,7 +294,8 @@ def train_loop(
             raise SftlensError(
                 f"step {step}: no answer tokens survive --max-length {cfg.max_length}; raise it"
             )
-        total = 0.0
+        # the step's loss stays on the device until the one read per step (no sync per micro-batch)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for b in micro:
             b = {k: v.to(device) for k, v in b.items()}
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
@@ -211,8 +303,8 @@ def train_loop(
             # mean over every answer token of the global batch
             loss = answer_loss_sum(logits, b["labels"]) * world / n_tokens
             accel.backward(loss)
-            total += loss.item() / world
-        total = float(accel.reduce(torch.tensor(total, device=device), reduction="sum"))
+            loss_sum += loss.detach().double() / world
+        total = float(accel.reduce(loss_sum, reduction="sum"))
         if not math.isfinite(total):
             raise SftlensError(f"{desc} loss became {total} at step {step}; lower --lr")
         if cfg.max_grad_norm > 0:
@@ -227,13 +319,43 @@ def train_loop(
         )
         bar.set_postfix(loss=f"{total:.3f}")
         bar.update(1)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+        if save_every and (step + 1) % save_every == 0 and step + 1 < cfg.steps:
             accel.wait_for_everyone()
             if accel.is_main_process:
                 checkpoint(history)
             accel.wait_for_everyone()
     bar.close()
     return history
+
+
+_STATUS = Path("/proc/self/status")
+
+
+def reset_peak_memory(device: torch.device | None = None) -> None:
+    """Restart the peak-RSS count (Linux ``clear_refs`` 5), so that one process running several
+    tunes (a sweep) reports each one's own peak rather than the largest so far; on a CUDA
+    ``device``, its peak-allocated count too."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    # not Linux, or not allowed: the lifetime peak is reported instead
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated on ``device``, else the peak RSS since the last
+    :func:`reset_peak_memory` (Linux ``VmHWM``; elsewhere the process's lifetime peak), MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (
+        2**20 if sys.platform == "darwin" else 2**10
+    )
 
 
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> tuple[Any, Any]:

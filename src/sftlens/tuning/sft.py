@@ -34,11 +34,17 @@ from sftlens.tuning.loop import (
     config_key,
     encode_example,
     example_order,
+    load_device,
     load_optimizer,
+    make_accelerator,
     make_optimizer,
+    peak_memory_mb,
+    precision_key,
+    reset_peak_memory,
     save_optimizer,
     train_loop,
     unwrap_optimizer,
+    uses_fsdp,
 )
 
 __all__ = [
@@ -115,17 +121,19 @@ def train_sft(cfg: SFTConfig) -> Path:
     out = make_out_folder(cfg.out)  # a bad --out fails now, not after the training
     model_dir = resolve_model(cfg.model)
     examples = resolve_dataset(cfg.data, split=cfg.split, limit=cfg.max_examples, seed=cfg.seed)
-    key = config_key(cfg, model_dir, examples)
+    # one process: a no-op wrapper; under torchrun / accelerate launch: DDP (or FSDP) over ranks
+    accel = make_accelerator(cfg)
+    reset_peak_memory(accel.device)  # this run's own peak (peak_memory_mb in trainer_state.json)
+    key = config_key(cfg, model_dir, examples, frozenset(), **precision_key(accel))
     state_path = out / "trainer_state.json"
     if state_path.is_file() and read_json(state_path).get("config_hash") == key:
         log.info("SFT already finished in %s (same config, model and data): reusing it", out)
         return out
 
     ckpt = _resumable(out, key)
-    from accelerate import Accelerator
-
-    # one process: a no-op wrapper; under torchrun / accelerate launch: DDP over the ranks
-    accel = Accelerator(cpu=cfg.device == "cpu")
+    if ckpt is not None and uses_fsdp(accel):  # its optimizer state is a whole model's
+        log.warning("FSDP: not resuming from %s (saved without FSDP); starting over", ckpt)
+        ckpt = None
     if ckpt is None and accel.is_main_process:
         # snapshots of another config (or killed saves) must not join this run's trajectory
         stale = [p for _, p in list_checkpoints(out)] + list(out.glob("checkpoint-*.tmp"))
@@ -135,7 +143,7 @@ def train_sft(cfg: SFTConfig) -> Path:
             shutil.rmtree(path, ignore_errors=True)
     accel.wait_for_everyone()
     torch.manual_seed(cfg.seed)
-    model, tok = load_model(ckpt or model_dir, dtype=cfg.dtype, device=str(accel.device))
+    model, tok = load_model(ckpt or model_dir, dtype=cfg.dtype, device=load_device(accel))
     model.train()
     opt, sched = make_optimizer(cfg, list(model.parameters()))
     start, history = 0, []
@@ -177,20 +185,31 @@ def train_sft(cfg: SFTConfig) -> Path:
         "train_tokens": sum(h["tokens"] for h in history),
         "seconds_this_run": time.perf_counter() - t0,
         "world_size": accel.num_processes,
+        "mixed_precision": str(accel.mixed_precision),
+        "peak_memory_mb": peak_memory_mb(accel.device),
     }
     accel.wait_for_everyone()
+    # FSDP: every rank takes part in gathering the full weights (rank 0 receives them)
+    full = accel.get_state_dict(model) if uses_fsdp(accel) else None
     if accel.is_main_process:
-        _save(accel.unwrap_model(model), tok, out, state)
+        _save(accel.unwrap_model(model), tok, out, state, state_dict=full)
         _prune(out, keep=None, keep_snapshots=cfg.keep_checkpoints)
     accel.wait_for_everyone()
     return out
 
 
 def _save(
-    model: Any, tok: Any, folder: Path, state: dict[str, Any], opt: Any = None, sched: Any = None
+    model: Any,
+    tok: Any,
+    folder: Path,
+    state: dict[str, Any],
+    opt: Any = None,
+    sched: Any = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Save model + tokenizer (+ optimizer) into ``folder`` through a temp folder and rename.
 
+    ``state_dict``: the gathered full weights of an FSDP run (else the model's own).
     ``trainer_state.json`` is written last: its presence marks a complete save.
     """
     if folder.name.startswith("checkpoint-"):
@@ -205,10 +224,10 @@ def _save(
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
         return
-    # final output: the folder may already hold checkpoint-last; write files, state last
+    # final output: the folder may hold checkpoints; write files, state last
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "trainer_state.json").unlink(missing_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     tok.save_pretrained(folder)
     atomic_write_json(folder / "trainer_state.json", state)
     atomic_write_json(folder / "sftlens_sft.json", state["config"])

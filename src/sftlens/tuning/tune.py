@@ -23,13 +23,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import resource
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -41,13 +38,18 @@ from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_json, read_json
 from sftlens.layers import Selection, layer_ranges, parse_layer_selection
 from sftlens.tuning import lora
-from sftlens.tuning.loop import (
+from sftlens.tuning.loop import (  # peak_memory_mb / reset_peak_memory: importable from here
     config_key,
     load_optimizer,
+    make_accelerator,
     make_optimizer,
+    peak_memory_mb,
+    precision_key,
+    reset_peak_memory,
     save_optimizer,
     train_loop,
     unwrap_optimizer,
+    uses_fsdp,
 )
 
 log = logging.getLogger("sftlens.tune")
@@ -82,36 +84,8 @@ def _num_layers(model_dir: Path) -> int:
     return surgery.num_layers(AutoConfig.from_pretrained(model_dir))
 
 
-_STATUS = Path("/proc/self/status")
-
-
-def reset_peak_memory() -> None:
-    """Restart the peak-RSS count (Linux ``clear_refs`` 5), so that one process running several
-    tunes (a sweep) reports each one's own peak rather than the largest so far."""
-    # not Linux, or not allowed: the lifetime peak is reported instead
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated on ``device``, else the peak RSS since the last
-    :func:`reset_peak_memory` (Linux ``VmHWM``; elsewhere the process's lifetime peak), MiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**10
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (
-        2**20 if sys.platform == "darwin" else 2**10
-    )
-
-
 def run_tune(cfg: TuneConfig) -> Path:
     """Train the LoRA of ``cfg`` and return the output folder (see module doc)."""
-    from accelerate import Accelerator
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -127,8 +101,22 @@ def run_tune(cfg: TuneConfig) -> Path:
     log.info("mask %s", selection.describe())
     for line in evidence:
         log.info("  %s", line)
+    # one process: a no-op wrapper; under torchrun / accelerate launch: DDP over the ranks
+    accel = make_accelerator(cfg)
+    if uses_fsdp(accel):
+        raise SftlensError(
+            "tune does not run under FSDP (LoRA trains a few MB: every GPU holds the frozen "
+            "bf16 base, 2 bytes per parameter); launch it with DDP, without the FSDP config"
+        )
     # the layers decide, not how they were written (01100, 6:18, 0.2-0.6 or auto)
-    key = config_key(cfg, model_dir, examples, _SELECTION_FIELDS, layers=list(selection.layers))
+    key = config_key(
+        cfg,
+        model_dir,
+        examples,
+        _SELECTION_FIELDS,
+        layers=list(selection.layers),
+        **precision_key(accel),
+    )
     state_path = out / "trainer_state.json"
     if (
         state_path.is_file()
@@ -145,8 +133,6 @@ def run_tune(cfg: TuneConfig) -> Path:
     resume = (ckpt / "trainer_state.json").is_file() and read_json(ckpt / "trainer_state.json").get(
         "config_hash"
     ) == key
-    # one process: a no-op wrapper; under torchrun / accelerate launch: DDP over the ranks
-    accel = Accelerator(cpu=cfg.device == "cpu")
     torch.manual_seed(cfg.seed)  # LoRA A initialisation
     model, tok = load_model(model_dir, dtype=cfg.dtype, device=str(accel.device))
     plan = lora.plan_lora(model, selection.layers, cfg)
@@ -258,6 +244,7 @@ def _finish(
         "step_seconds_median": statistics.median(steps_s) if steps_s else float("nan"),
         "peak_memory_mb": peak_memory_mb(accel.device),
         "world_size": accel.num_processes,
+        "mixed_precision": str(accel.mixed_precision),
     }
     run.write_summary(summary)
     plot_tune(rows + run.metrics(), history, out / "plots")
