@@ -271,7 +271,7 @@ def test_sft_under_fsdp_saves_the_gathered_weights_and_skips_sharded_checkpoints
 def test_sft_under_fsdp_does_not_resume_a_checkpoint_saved_without_it(
     tiny_pair, tmp_path, monkeypatch
 ):
-    """A DDP run's checkpoint-last holds whole-model optimizer state: FSDP starts over."""
+    """A DDP run's checkpoint holds whole-model optimizer state: FSDP starts over."""
     from sftlens.tuning import loop, sft
 
     def crash(history):
@@ -286,7 +286,7 @@ def test_sft_under_fsdp_does_not_resume_a_checkpoint_saved_without_it(
     monkeypatch.setattr(sft, "train_loop", loop_then_crash)
     with pytest.raises(KeyboardInterrupt):
         _sft(tiny_pair[0], tmp_path / "run", "synthetic")
-    assert (tmp_path / "run" / "checkpoint-last" / "trainer_state.json").is_file()
+    assert (tmp_path / "run" / "checkpoint-1" / "trainer_state.json").is_file()
     monkeypatch.setattr(sft, "train_loop", real_loop)
     monkeypatch.setattr(loop, "uses_fsdp", lambda accel: True)
     monkeypatch.setattr(sft, "uses_fsdp", lambda accel: True)
