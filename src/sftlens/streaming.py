@@ -98,14 +98,12 @@ class Skeleton:
         self.bytes_read = 0
         # checkpoint key of each block tensor: (layer, name inside the block) -> key
         self._block_keys: dict[tuple[int, str], str] = {}
-        for key in self.reader.keys():
+        for key in self.reader.keys():  # noqa: SIM118  (a reader, not a dict)
             found = surgery.block_key(self.spec, key)
             if found is not None:
                 self._block_keys[found] = key
         in_blocks = {id(p) for b in self.blocks for p in b.parameters()}
-        self._outside = [
-            name for name, p in self.body.named_parameters() if id(p) not in in_blocks
-        ]
+        self._outside = [name for name, p in self.body.named_parameters() if id(p) not in in_blocks]
         prefix = next(n for n, m in model.named_modules() if m is self.body)
         for name in self._outside:  # embeddings, final norm: what the body needs besides blocks
             full = f"{prefix}.{name}" if prefix else name
@@ -209,9 +207,11 @@ class Skeleton:
         if attention:
             module = block.get_submodule(self.spec.attention)
             handle = module.register_forward_hook(
-                lambda m, i, out: weights.__setitem__("a", out[1])
-                if isinstance(out, (tuple, list)) and len(out) > 1 and out[1] is not None
-                else None
+                lambda m, i, out: (
+                    weights.__setitem__("a", out[1])
+                    if isinstance(out, (tuple, list)) and len(out) > 1 and out[1] is not None
+                    else None
+                )
             )
         try:
             args, kwargs = call
@@ -294,7 +294,7 @@ class ActivationStore:
             self._memory[(i, model)] = h
             return
         data = h.detach().to("cpu", self.dtype).contiguous().view(torch.uint8).numpy()
-        done = os.pwrite(self._fd, memoryview(data.reshape(-1)), self._offsets[(i, model)])
+        done = os.pwrite(self._fd, data.reshape(-1).data, self._offsets[(i, model)])
         if done != self.slot_bytes[i]:
             raise SftlensError(
                 f"could not write activations to {self.path} (disk full?); free disk space "
@@ -305,7 +305,7 @@ class ActivationStore:
         if self._fd is None:
             return self._memory[(i, model)]
         out = torch.empty(self.shapes[i], dtype=self.dtype)
-        view = memoryview(out.view(torch.uint8).numpy().reshape(-1))
+        view = out.view(torch.uint8).numpy().reshape(-1).data
         got = os.preadv(self._fd, [view], self._offsets[(i, model)])
         if got != self.slot_bytes[i]:
             raise SftlensError(f"{self.path} was truncated while analysing; run again")
@@ -349,8 +349,10 @@ def stream_pass(
     todo = sorted(set(keep) - set(done))
     mine = [b for i, b in enumerate(batches) if i % world_size == rank]
     attn_impl = "eager" if attention else None
-    skel = {m: Skeleton(d, dtype=dtype, device=device, attn_implementation=attn_impl)
-            for m, d in zip(MODELS, (base_dir, sft_dir))}
+    skel = {
+        m: Skeleton(d, dtype=dtype, device=device, attn_implementation=attn_impl)
+        for m, d in zip(MODELS, (base_dir, sft_dir))
+    }
     num_layers = len(skel["base"].blocks)
     if len(skel["sft"].blocks) != num_layers:
         raise SftlensError("base and sft differ in layer count; compare checkpoints of one model")
@@ -370,8 +372,12 @@ def stream_pass(
         if on_layer is not None:
             on_layer(layer, layer_rows, layer_heads)
 
-    bar = tqdm(total=len(mine) * (max(todo, default=-1) + 2), desc="analyze (layer-major)",
-               unit="batch", disable=not progress)
+    bar = tqdm(
+        total=len(mine) * (max(todo, default=-1) + 2),
+        desc="analyze (layer-major)",
+        unit="batch",
+        disable=not progress,
+    )
     try:
         acc = make_pass([-1]) if -1 in todo else None
         for i, batch in enumerate(mine):
