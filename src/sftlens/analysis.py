@@ -241,6 +241,8 @@ def run_analyze(cfg: AnalyzeConfig, run: RunFolder | None = None) -> Path:
         )
         mine = [tuple(b.input_ids.shape) for i, b in enumerate(batches) if i % world == rank]
         budget = parse_size(cfg.max_memory)
+        if budget is None and resolve_device(cfg.device).startswith("cuda"):
+            budget = torch.cuda.mem_get_info()[0]  # weights and activations live there
         plan = plan_memory(
             cfg,
             readers,

@@ -75,23 +75,60 @@ def _read_int(path: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def _cgroup_room(root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """Room left under this process's cgroup memory limit (v2 ``memory.max``, v1
-    ``memory.limit_in_bytes``), or None without a limit."""
-    for limit_file, usage_file in (
-        ("memory.max", "memory.current"),  # v2 (unified hierarchy)
-        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),  # v1
-    ):
-        limit = _read_int(root / limit_file)
-        if limit is not None and limit < 2**60:  # v1 writes "no limit" as ~2^63
-            return max(0, limit - (_read_int(root / usage_file) or 0))
-    return None
+def _cgroup_dirs(root: Path = Path("/sys/fs/cgroup")) -> list[tuple[Path, str, str]]:
+    """This process's memory cgroup and its ancestors, as ``(folder, limit file, usage file)``
+    (v2 ``memory.max``; v1 ``memory.limit_in_bytes``), from ``/proc/self/cgroup``."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    out: list[tuple[Path, str, str]] = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2 (unified)
+            base, files = root, ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):  # v1
+            base, files = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        folder = base / path.lstrip("/")
+        while True:
+            out.append((folder, *files))
+            if folder == base or base not in folder.parents:
+                break
+            folder = folder.parent
+    return out
+
+
+def _cgroup_room() -> int | None:
+    """Room left under the tightest memory limit of this process's cgroups, or None."""
+    rooms = []
+    for folder, limit_file, usage_file in _cgroup_dirs():
+        limit = _read_int(folder / limit_file)
+        if limit is not None and limit < 2**60:  # v1 writes "no limit" as ~2^63, v2 "max"
+            rooms.append(max(0, limit - (_read_int(folder / usage_file) or 0)))
+    return min(rooms, default=None)
+
+
+def _rlimit_room() -> int | None:
+    """Address space left under ``RLIMIT_AS`` (``prlimit --as``, ``ulimit -v``), or None."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        with open("/proc/self/status") as f:
+            size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    except (OSError, StopIteration):
+        size = 0
+    return max(0, soft - size)
 
 
 def available_memory() -> int:
     """Bytes this process can still allocate: ``MemAvailable`` of ``/proc/meminfo``, lowered to
-    the room left under a cgroup memory limit when one is set, shared among the ranks of this
-    node (``LOCAL_WORLD_SIZE``, set by ``torchrun``)."""
+    the room left under a cgroup memory limit or an address-space limit (``RLIMIT_AS``) when
+    one is set, shared among the ranks of this node (``LOCAL_WORLD_SIZE``, set by ``torchrun``)."""
     try:
         import psutil
 
@@ -100,9 +137,9 @@ def available_memory() -> int:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
         avail = info["MemAvailable"]
-    room = _cgroup_room()
-    if room is not None:
-        avail = min(avail, room)
+    for room in (_cgroup_room(), _rlimit_room()):
+        if room is not None:
+            avail = min(avail, room)
     return avail // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
