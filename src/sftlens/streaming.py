@@ -63,6 +63,27 @@ class _Recorder(nn.Module):
         return hidden
 
 
+def _materialise_buffers(model: nn.Module) -> None:
+    """Give the buffers built on the meta device (rotary frequencies, Gemma's embedding scale)
+    real values, computed by transformers' own initialisation of the modules that own them
+    (what ``from_pretrained`` does for the buffers of a model it builds on the meta device)."""
+    owners: dict[str, nn.Module] = {}
+    for name, buf in model.named_buffers():
+        if buf.device.type == "meta":
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner)
+            module._buffers[leaf] = torch.empty_like(buf, device="cpu")
+            owners[owner] = module
+    init = getattr(model, "_init_weights", None)
+    if owners and not callable(init):
+        raise SftlensError(
+            f"{type(model).__name__} cannot initialise its buffers; "
+            "analyse this model without --stream-layers"
+        )
+    for module in owners.values():
+        init(module)  # type: ignore[misc]
+
+
 class Skeleton:
     """One causal LM whose blocks hold no memory until :meth:`load_block` reads one.
 
@@ -79,7 +100,6 @@ class Skeleton:
         device: str = "cpu",
         attn_implementation: str | None = None,
     ) -> None:
-        from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.reader = CheckpointReader(folder)
@@ -88,8 +108,15 @@ class Skeleton:
         kwargs: dict[str, Any] = {"dtype": dtype}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
-        with init_empty_weights():  # parameters on meta, buffers (rotary frequencies) real
+        # everything on the meta device: no parameter is ever allocated (accelerate's
+        # init_empty_weights allocates each on the CPU first, untouched, which costs no resident
+        # memory but grows the address space by the model's size: fatal under `ulimit -v`)
+        with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, **kwargs)
+        _materialise_buffers(model)
+        for name, buf in list(model.named_buffers()):  # rotary frequencies where the blocks run
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = buf.to(self.device)
         self.model = model.eval()
         self.spec = surgery.arch_spec(model)
         self.body = surgery.get_body(model)
