@@ -41,7 +41,8 @@ def _table(path):
     shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
     reason="torchrun not installed",
 )
-def test_torchrun_two_gloo_ranks_match_single_process(tiny_pair, tmp_path):
+@pytest.mark.parametrize("stream", [False, True], ids=["in_memory", "stream_layers"])
+def test_torchrun_two_gloo_ranks_match_single_process(tiny_pair, tmp_path, stream):
     base, sft = tiny_pair
     common = [
         "analyze",
@@ -57,8 +58,10 @@ def test_torchrun_two_gloo_ranks_match_single_process(tiny_pair, tmp_path):
         "96",
         "--no-progress",
     ]
-    assert main([*common, "--out", str(tmp_path / "single")]) == 0
-    _torchrun_two_ranks([*common, "--out", str(tmp_path / "ddp")], port=29533)
+    # the single process runs in memory: a layer-major 2-rank run must give its numbers
+    assert main([*common, "--no-stream-layers", "--out", str(tmp_path / "single")]) == 0
+    flag = "--stream-layers" if stream else "--no-stream-layers"
+    _torchrun_two_ranks([*common, flag, "--out", str(tmp_path / "ddp")], port=29533 + 10 * stream)
     import json
 
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2

@@ -98,6 +98,21 @@ def test_analyze_on_cuda_matches_cpu_float32(tiny_pair, tmp_path, dtype):
     assert_close_tables(metrics(tmp_path / "gpu"), metrics(tmp_path / "cpu"), TOL[dtype])
 
 
+@pytest.mark.parametrize("activations", ["memory", "disk"])
+def test_analyze_stream_layers_on_cuda_matches_cpu(tiny_pair, tmp_path, activations):
+    """Layer-major on the GPU: blocks, activations (or their spill file) and the per-layer
+    accumulators follow --device; the rows equal the in-memory CPU run's."""
+    base, sft = map(str, tiny_pair)
+    common = ["analyze", base, sft, "--max-prompts", "12", "--batch-size", "4"]
+    common += ["--max-length", "96"]
+    run([*common, "--out", str(tmp_path / "cpu"), "--device", "cpu"])
+    run(
+        [*common, "--out", str(tmp_path / "gpu"), "--device", "cuda", "--dtype", "float32"]
+        + ["--stream-layers", "--activations", activations]
+    )
+    assert_close_tables(metrics(tmp_path / "gpu"), metrics(tmp_path / "cpu"), TOL["float32"])
+
+
 def test_analyze_dtype_auto_is_bf16_on_cuda_and_accumulators_stay_float64_there(tiny_pair):
     from sftlens.config import AnalyzeConfig
     from sftlens.models.loading import load_model

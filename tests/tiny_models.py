@@ -90,7 +90,9 @@ def tiny_config(model_type: str, **overrides: object):
     ``gpt2`` (Conv1D, fused ``c_attn``, biases everywhere, tied head, learned positions),
     ``gpt_neox`` (per-head interleaved ``query_key_value``, biases, untied ``embed_out``),
     ``phi3`` (fused ``qkv_proj`` with grouped-query sizes and fused ``gate_up_proj``),
-    ``qwen2`` (q/k/v biases, grouped-query attention).
+    ``qwen2`` (q/k/v biases, grouped-query attention), and the Llama-shaped families
+    ``llama mistral gemma qwen3 gemma2 gemma3_text olmo olmo2 olmo3`` (Gemma 2/3 and OLMo 3
+    with a sliding window of 4 tokens, shorter than the test prompts).
     """
     import transformers as tf
 
@@ -132,6 +134,47 @@ def tiny_config(model_type: str, **overrides: object):
             ),
         ),
     }
+    llama_like = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    defaults.update(
+        {
+            "llama": (tf.LlamaConfig, llama_like),
+            "mistral": (tf.MistralConfig, dict(llama_like, sliding_window=None)),
+            "gemma": (tf.GemmaConfig, dict(llama_like, head_dim=8)),
+            "qwen3": (tf.Qwen3Config, dict(llama_like, head_dim=8)),
+            "gemma2": (
+                tf.Gemma2Config,
+                dict(llama_like, head_dim=8, sliding_window=4, final_logit_softcapping=30.0),
+            ),
+            # sliding layers with a window shorter than the prompts, and a global layer between
+            "gemma3_text": (
+                tf.Gemma3TextConfig,
+                dict(
+                    llama_like,
+                    head_dim=8,
+                    sliding_window=4,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                ),
+            ),
+            "olmo": (tf.OlmoConfig, llama_like),
+            "olmo2": (tf.Olmo2Config, llama_like),
+            "olmo3": (
+                tf.Olmo3Config,
+                dict(
+                    llama_like,
+                    sliding_window=4,
+                    layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                ),
+            ),
+        }
+    )
     cls, kw = defaults[model_type]
     return cls(**{"vocab_size": 128, **ids, **kw, **overrides})
 

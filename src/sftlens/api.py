@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 from pathlib import Path
@@ -106,164 +105,31 @@ def _weights_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def analyze(base: str, sft: str, **options: Any) -> Path:
     """Hidden-state and attention metrics of BASE vs SFT over a dataset; returns the run folder.
 
-    Options are the fields of :class:`sftlens.config.AnalyzeConfig` (``data``, ``max_prompts``, ...).
+    Options are the fields of :class:`sftlens.config.AnalyzeConfig` (``data``, ``max_prompts``,
+    ``layers``, ``every``, ``stream_layers``, ...).
     """
     return run_analyze(AnalyzeConfig(base=base, sft=sft, **options))
 
 
-_ANALYZE_NOT_HASHED = {"base", "sft", "out", "progress", "device", "allow_pickle"}
-_STATE = ".analyze_state"
-
-
 def run_analyze(cfg: AnalyzeConfig, run: RunFolder | None = None) -> Path:
-    import torch
-    from safetensors.torch import load_file, save_file
+    """Run ``analyze`` from a config (into ``run`` when given); see :mod:`sftlens.analysis`."""
+    from sftlens.analysis import run_analyze as _run
 
-    from sftlens.data import resolve_dataset
-    from sftlens.data.prompts import format_question, format_target
-    from sftlens.distributed import init_from_env, is_main
-    from sftlens.io import config_hash, write_rows_csv
-    from sftlens.models.checkpoint import CheckpointReader
-    from sftlens.models.pair import check_pair
-    from sftlens.reporting.plots import plot_heads, plot_representations
-    from sftlens.representations import RepresentationPass, run_pass
-
-    rank, world = init_from_env()
-    run = run or RunFolder(cfg.out)
-    base_dir = resolve_model(cfg.base, allow_pickle=cfg.allow_pickle)
-    sft_dir = resolve_model(cfg.sft, allow_pickle=cfg.allow_pickle)
-    info = check_pair(CheckpointReader(base_dir).config, CheckpointReader(sft_dir).config)
-    examples = resolve_dataset(cfg.data, split=cfg.split, limit=cfg.max_prompts)
-    texts = [
-        format_question(e.question) + (format_target(e.answer) if cfg.text == "qa" else "")
-        for e in examples
-    ]
-    prints = {"base": fingerprint(base_dir), "sft": fingerprint(sft_dir)}
-    if is_main():
-        run.save_config(
-            models={"base": cfg.base, "sft": cfg.sft},
-            fingerprints=prints,
-            analyze=dataclasses.asdict(cfg),
-            world_size=world,
-        )
-    inputs = {
-        "fingerprints": {k: v["files"] for k, v in prints.items()},
-        "config": {
-            k: v for k, v in dataclasses.asdict(cfg).items() if k not in _ANALYZE_NOT_HASHED
-        },
-        "texts": config_hash(texts),
-    }
-    key = config_hash(inputs)
-
-    def compute() -> list[dict[str, Any]]:
-        attn = "eager" if cfg.attention else None
-        base, tok = load_model(
-            base_dir, dtype=cfg.dtype, device=cfg.device, attn_implementation=attn
-        )
-        sft_model, _ = load_model(
-            sft_dir, dtype=cfg.dtype, device=cfg.device, attn_implementation=attn
-        )
-        acc = RepresentationPass(
-            num_layers=info.num_layers,
-            hidden=info.hidden_size,
-            num_heads=_heads(base.config),
-            alpha=cfg.alpha,
-            preset=cfg.preset,  # type: ignore[arg-type]  # validated by AnalyzeConfig
-            pooling=cfg.pooling,
-            attention=cfg.attention,
-        )
-        # one file holds the accumulators AND the inputs key and next batch (safetensors
-        # metadata): one rename makes a checkpoint, so a crash can never pair a newer state
-        # with an older batch index (which would count batches twice)
-        state_file = run.path / f"{_STATE}.safetensors"
-        start = 0
-        saved = _read_state_meta(state_file) if world == 1 else None
-        if saved is not None and saved.get("key") == key:
-            acc.load_state_dict(load_file(str(state_file)))
-            start = int(saved["next_batch"])
-
-        def checkpoint(i: int, state: RepresentationPass) -> None:
-            if world == 1 and (i + 1) % 8 == 0:  # every 8 batches: a crash loses little
-                tmp = state_file.with_suffix(".tmp")
-                save_file(
-                    {k: v.contiguous() for k, v in state.state_dict().items()},
-                    str(tmp),
-                    metadata={"key": key, "next_batch": str(i + 1)},
-                )
-                tmp.replace(state_file)
-
-        with torch.inference_mode():
-            run_pass(
-                base,
-                sft_model,
-                tok,
-                texts,
-                batch_size=cfg.batch_size,
-                max_length=cfg.max_length,
-                truncate=cfg.truncate,
-                padding_side=cfg.padding_side,
-                progress=cfg.progress and is_main(),
-                rank=rank,
-                world_size=world,
-                state=acc,
-                start_batch=start,
-                on_batch=checkpoint,
-            )
-        acc.all_reduce_()
-        rows, heads = acc.rows()
-        if is_main():
-            write_rows_csv(
-                run.path / "heads.csv", heads, ("model", "layer", "head", "metric", "value")
-            )
-            run.write_summary(
-                {"pair": dataclasses.asdict(info), "analyze": _analyze_summary(rows, len(texts))}
-            )
-        state_file.unlink(missing_ok=True)
-        return rows
-
-    rows = run.step("analyze", inputs, compute, write=is_main())
-    if is_main():
-        plot_representations(rows, run.path / "plots")
-        if (run.path / "heads.csv").is_file():
-            with open(run.path / "heads.csv", newline="") as f:
-                plot_heads(list(csv.DictReader(f)), run.path / "plots" / "attention_heads_js.png")
-        report(run.path)
-    return run.path
+    return _run(cfg, run)
 
 
 def _read_state_meta(path: Path) -> dict[str, str] | None:
-    """The ``key`` and ``next_batch`` stored with an analyze checkpoint, or None."""
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
+    from sftlens.analysis import _read_state_meta as _read
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception:  # a torn or foreign file: start over rather than resume from it
-        return None
+    return _read(path)
 
 
-def _heads(config: Any) -> int:
-    from sftlens.models import surgery
+def _analyze_summary(
+    rows: list[dict[str, Any]], n_prompts: int, num_layers: int | None = None
+) -> dict[str, Any]:
+    from sftlens.analysis import _analyze_summary as _summary
 
-    return surgery.num_heads(config)
-
-
-def _analyze_summary(rows: list[dict[str, Any]], n_prompts: int) -> dict[str, Any]:
-    from sftlens.reporting.plots import series
-
-    cka = series(rows, "cka")
-    out: dict[str, Any] = {"prompts": n_prompts, "cka_by_layer": cka}
-    for threshold in (0.98, 0.9):
-        first = next((i for i, v in enumerate(cka) if v < threshold), None)
-        out[f"cka_first_below_{threshold}"] = (
-            None if first is None else {"layer": first, "relative_depth": (first + 0.5) / len(cka)}
-        )
-    # layers where one feature carries most of the base token variance: plain CKA saturates there
-    share = series(rows, "top_feature_share", model="base")
-    out["massive_feature_layers"] = [i for i, v in enumerate(share) if v > 0.5]
-    return out
+    return _summary(rows, n_prompts, num_layers)
 
 
 def sft(model: str, **options: Any) -> Path:

@@ -92,7 +92,8 @@ def make_batches(
         yield Batch(input_ids, mask, positions, chunk)
 
 
-def _output_tensor(output: Any) -> torch.Tensor:
+def output_tensor(output: Any) -> torch.Tensor:
+    """The hidden states of a block's output (a tensor, or the first element of a tuple)."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
@@ -117,7 +118,7 @@ def capture(
     for idx, block in enumerate(blocks):
         handles.append(
             block.register_forward_hook(
-                lambda m, i, o, idx=idx: states.__setitem__(idx, _output_tensor(o))
+                lambda m, i, o, idx=idx: states.__setitem__(idx, output_tensor(o))
             )
         )
     try:

@@ -356,10 +356,36 @@ class AnalyzeConfig:
         "float16 (reductions are float64 regardless)",
     )
     device: str = arg("auto", help="'auto' (cuda when a GPU is visible), 'cpu', 'cuda' or 'cuda:N'")
+    layers: str = arg(
+        "",
+        help="analyse only these layers (default: all), e.g. 0:8,24:32 (half-open spans), "
+        "3,5,7, a depth-block mask 0110 or a depth range 0.2-0.8; the embedding output "
+        "(layer -1) is always analysed",
+    )
+    every: int = arg(1, help="analyse every k-th of the selected layers (the first, then k on)")
+    stream_layers: bool | None = arg(
+        None,
+        help="layer-major pass: one block of each model in memory at a time, read from the "
+        "checkpoint once (default: chosen when the in-memory run would not fit; "
+        "--no-stream-layers: never)",
+    )
+    activations: str = arg(
+        "auto",
+        help="with --stream-layers, where the activations wait between blocks: 'memory', "
+        "'disk' (a scratch file in --out, removed at the end) or 'auto' (disk if they do not fit)",
+    )
+    max_memory: str = arg(
+        "",
+        help="memory the run may use, e.g. 24GiB (default: what the machine has available, "
+        "within a cgroup limit)",
+    )
     allow_pickle: bool = arg(False, help="allow reading pickle (*.bin) checkpoints you trust")
     progress: bool = arg(True, help="show progress bars")
 
     def __post_init__(self) -> None:
+        from sftlens.layers import parse_layer_selection
+        from sftlens.memory import parse_size
+
         _check(self.max_prompts >= 1, f"--max-prompts must be >= 1, got {self.max_prompts}")
         _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         _check(self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
@@ -380,6 +406,14 @@ class AnalyzeConfig:
             f"--pooling must be 'mean' or 'last', got '{self.pooling}'",
         )
         self.dtype = _dtype(self.dtype, self.device)
+        _check(self.every >= 1, f"--every must be >= 1, got {self.every}")
+        _check(
+            self.activations in ("auto", "memory", "disk"),
+            f"--activations must be 'auto', 'memory' or 'disk', got '{self.activations}'",
+        )
+        if self.layers.strip():
+            parse_layer_selection(self.layers, None)  # syntax now; the range once L is known
+        parse_size(self.max_memory)
 
 
 # -- experiments and evaluation -----------------------------------------------------------------

@@ -17,7 +17,7 @@ a massive-activation dimension saturates ``cka``. Per-head attention values go t
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -52,7 +52,13 @@ class LayerAccumulators:
 
 @dataclass
 class RepresentationPass:
-    """Per-layer accumulators for one BASE/SFT pair; feed batches, then :meth:`rows`."""
+    """Per-layer accumulators for one BASE/SFT pair; feed batches, then :meth:`rows`.
+
+    ``layers`` (default: all, ``-1..L-1``) holds only the accumulators of those layers: the
+    state grows with the layers kept, and each layer's rows equal a full pass's rows for it
+    (``analyze --layers`` / ``--every``, and the layer-major streaming pass, which keeps one
+    layer at a time). Layer ``-1`` is the embedding output; it has no attention metrics.
+    """
 
     num_layers: int
     hidden: int
@@ -61,10 +67,18 @@ class RepresentationPass:
     preset: Preset = "default"
     pooling: str = "mean"
     attention: bool = True
+    keep: Sequence[int] | None = None
     layers: dict[int, LayerAccumulators] = field(init=False)
     attn: dict[int, AttentionStats] = field(init=False)
 
     def __post_init__(self) -> None:
+        kept = range(-1, self.num_layers) if self.keep is None else sorted(set(self.keep))
+        outside = [layer for layer in kept if not -1 <= layer < self.num_layers]
+        if outside:
+            raise SftlensError(
+                f"layers {outside} are not in a model of {self.num_layers} layers; "
+                f"keep layers -1..{self.num_layers - 1}"
+            )
         self.layers = {
             layer: LayerAccumulators(
                 StreamingCKA(self.hidden, self.hidden),
@@ -72,10 +86,10 @@ class RepresentationPass:
                 {m: PromptEntropy(self.alpha, self.preset) for m in ("base", "sft")},
                 {m: PooledRows(self.hidden) for m in ("base", "sft")},
             )
-            for layer in range(-1, self.num_layers)
+            for layer in kept
         }
         self.attn = (
-            {layer: AttentionStats(self.num_heads) for layer in range(self.num_layers)}
+            {layer: AttentionStats(self.num_heads) for layer in kept if layer >= 0}
             if self.attention
             else {}
         )
@@ -88,14 +102,37 @@ class RepresentationPass:
         base_attn: Sequence[torch.Tensor] | None = None,
         sft_attn: Sequence[torch.Tensor] | None = None,
     ) -> None:
-        mask = batch.attention_mask.bool().to(base_states[0].device)  # (B, T)
+        """Feed one batch given every layer's states ``[h_emb, h_0, ..., h_{L-1}]`` (and every
+        block's attentions) of both models, as :func:`sftlens.capture.capture` returns them;
+        only the layers kept are used."""
+        if self.attention and (base_attn is None or sft_attn is None):
+            raise SftlensError(
+                "attention metrics need both models' attentions; pass --no-attention"
+            )
+        self.update_layers(
+            batch,
+            {layer: (base_states[layer + 1], sft_states[layer + 1]) for layer in self.layers},
+            {layer: (base_attn[layer], sft_attn[layer]) for layer in self.attn}  # type: ignore[index]
+            if self.attention
+            else None,
+        )
+
+    def update_layers(
+        self,
+        batch: Batch,
+        states: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
+        attn: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
+        """Feed one batch given ``{layer: (h_base, h_sft)}`` (each (B, T, D)) for the layers
+        kept, and ``{layer: (a_base, a_sft)}`` (each (B, H, T, T)) when attention is on."""
+        first = next(iter(states.values()))[0]
+        mask = batch.attention_mask.bool().to(first.device)  # (B, T)
         lengths = mask.sum(-1)  # (B,)
         if int(lengths.min()) == 0:
             raise SftlensError("a prompt in the batch is all padding; remove empty prompts")
-        for i, layer in enumerate(range(-1, self.num_layers)):
-            acc = self.layers[layer]
+        for layer, acc in self.layers.items():
             real_rows = {}
-            for model, h in (("base", base_states[i]), ("sft", sft_states[i])):  # (B, T, D)
+            for model, h in zip(("base", "sft"), states[layer]):  # (B, T, D)
                 # real tokens only, prompt after prompt, converted once for every accumulator
                 rows = real_rows[model] = h[mask].double()  # (N, D)
                 if not bool(torch.isfinite(rows.sum())):  # any NaN/inf makes the sum non-finite
@@ -108,13 +145,13 @@ class RepresentationPass:
                 acc.pooled[model].update(_pool(rows, lengths, self.pooling))
             acc.cka.update(real_rows["base"], real_rows["sft"])  # same tokens, both models
             acc.moments.update(real_rows["base"], real_rows["sft"])
-        if self.attention:
-            if base_attn is None or sft_attn is None:
+        if self.attn:  # blocks kept, attention on (the embedding output has none)
+            if attn is None:
                 raise SftlensError(
                     "attention metrics need both models' attentions; pass --no-attention"
                 )
-            for layer in range(self.num_layers):
-                self.attn[layer].update(base_attn[layer], sft_attn[layer], key_mask=mask)
+            for layer, stats in self.attn.items():
+                stats.update(*attn[layer], key_mask=mask)
 
     def accumulators(self) -> dict[str, Any]:
         """Every accumulator by a stable name (for checkpointing and all-reduce)."""
@@ -217,6 +254,35 @@ def _pool(rows: Tensor, lengths: Tensor, pooling: str) -> Tensor:
     return rows[lengths.cumsum(0) - 1]  # each prompt's last row
 
 
+def pass_batches(
+    tok: Any,
+    texts: Sequence[str],
+    *,
+    batch_size: int,
+    max_length: int,
+    truncate: bool = True,
+    padding_side: str = "right",
+) -> list[Batch]:
+    """The padded batches of a pass, in the order every path takes them (both analysis paths
+    and every rank agree on it: rank ``r`` of ``W`` takes batches ``r, r + W, ...``)."""
+    if not texts:
+        raise SftlensError("no prompts to analyse; check --data and --split")
+    ids = tokenize(tok, texts, max_length=max_length, truncate=truncate)
+    # longest first: batches waste little padding, the peak-memory batch comes first (an
+    # out-of-memory fails at once, and later, smaller batches reuse its freed buffers instead
+    # of fragmenting the heap); the order changes no metric
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    return list(
+        make_batches(
+            ids,
+            batch_size=batch_size,
+            pad_id=tok.pad_token_id,
+            padding_side=padding_side,
+            indices=order,
+        )
+    )
+
+
 def run_pass(
     base: Any,
     sft: Any,
@@ -258,19 +324,13 @@ def run_pass(
         attention=attention,
     )
     attention = acc.attention  # a given state decides: its accumulators expect attentions or not
-    ids = tokenize(tok, texts, max_length=max_length, truncate=truncate)
-    # longest first: batches waste little padding, the peak-memory batch comes first (an
-    # out-of-memory fails at once, and later, smaller batches reuse its freed buffers instead
-    # of fragmenting the heap); the order changes no metric
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    batches = list(
-        make_batches(
-            ids,
-            batch_size=batch_size,
-            pad_id=tok.pad_token_id,
-            padding_side=padding_side,
-            indices=order,
-        )
+    batches = pass_batches(
+        tok,
+        texts,
+        batch_size=batch_size,
+        max_length=max_length,
+        truncate=truncate,
+        padding_side=padding_side,
     )
     device = next(base.parameters()).device
     acc.to_(device)

@@ -84,6 +84,12 @@ CASES: list[tuple[type, dict, str]] = [
     (AnalyzeConfig, {"preset": "x"}, "--preset must be 'default' or 'paper', got 'x'"),
     (AnalyzeConfig, {"pooling": "max"}, "--pooling must be 'mean' or 'last', got 'max'"),
     (AnalyzeConfig, {"dtype": "int8"}, f"--dtype must be one of {DT}, got 'int8'"),
+    (AnalyzeConfig, {"every": 0}, "--every must be >= 1, got 0"),
+    (
+        AnalyzeConfig,
+        {"activations": "gpu"},
+        "--activations must be 'auto', 'memory' or 'disk', got 'gpu'",
+    ),
     (EvalConfig, {"limit": -1}, "--limit must be >= 0, got -1"),
     (EvalConfig, {"shots": -1}, "--shots must be >= 0, got -1"),
     (EvalConfig, {"batch_size": 0}, "--batch-size must be >= 1, got 0"),
@@ -150,6 +156,8 @@ CASES: list[tuple[type, dict, str]] = [
 PARSED_CASES: list[tuple[type, dict, str]] = [
     (TuneConfig, {"mask": "0000"}, "layer selection '0000' selects no block (it has no 1); pass "),
     (TuneConfig, {"mask": "1-2-3"}, "layer selection '1-2-3' is malformed at '1-2-3'; pass "),
+    (AnalyzeConfig, {"layers": "8:0"}, "layer selection '8:0' has an empty or reversed span"),
+    (AnalyzeConfig, {"max_memory": "24 parsecs"}, "memory size '24 parsecs' is malformed; "),
 ]
 COMMAND_OF = {cls: name for name, (cls, _, _) in COMMANDS.items() if cls is not None}
 

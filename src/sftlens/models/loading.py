@@ -232,6 +232,16 @@ def torch_device_type(device: str) -> str:
     return device.split(":", 1)[0]
 
 
+def load_tokenizer(folder: str | os.PathLike[str], *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a resolved model folder; a missing pad token becomes the EOS token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_model(
     spec: str | os.PathLike[str],
     *,
@@ -248,7 +258,7 @@ def load_model(
     FSDP launch with ``cpu_ram_efficient_loading``), for ``accelerate`` to place.
     Pass ``attn_implementation="eager"`` when attention weights are needed.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder = resolve_model(spec, allow_pickle=allow_pickle)
     kwargs: dict[str, Any] = {
@@ -267,9 +277,7 @@ def load_model(
             f"could not load the model in {folder} ({type(exc).__name__}: {_first_line(exc)}); "
             "check that its files are complete (re-copy or re-download them)"
         ) from None
-    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = load_tokenizer(folder, trust_remote_code=trust_remote_code)
     if device is not None:  # None: leave it where from_pretrained put it (FSDP shards it)
         model.to(resolve_device(device))  # type: ignore[arg-type]
     model.eval()

@@ -38,6 +38,8 @@ __all__ = [
     "ArchSpec",
     "ParamRole",
     "arch_spec",
+    "arch_spec_of",
+    "block_key",
     "classify_param",
     "final_logit_softcap",
     "get_blocks",
@@ -135,6 +137,12 @@ class ArchSpec:
             f"{'/'.join(self.model_types)} blocks have no projection {proj!r}; "
             f"available: {', '.join(p for _, p in self.block_modules().values())}"
         )
+
+    @property
+    def attention(self) -> str:
+        """The block-relative name of the attention module (the parent of ``o``); with eager
+        attention its forward returns ``(output, weights)``."""
+        return self.o.rpartition(".")[0]
 
     @property
     def attn_projs(self) -> tuple[str, ...]:
@@ -353,6 +361,31 @@ def _top_level_roles(spec: ArchSpec) -> dict[str, tuple[str, str]]:
 def _block_key_re(spec: ArchSpec) -> re.Pattern[str]:
     alternatives = "|".join(re.escape(v) for v in path_variants(spec.blocks))
     return re.compile(rf"^(?:{alternatives})\.(\d+)\.(.+)$")
+
+
+def block_key(spec: ArchSpec, name: str) -> tuple[int, str] | None:
+    """``(layer, name inside the block)`` of a checkpoint key inside a block, else None.
+
+    >>> block_key(arch_spec_of("llama"), "model.layers.3.self_attn.q_proj.weight")
+    (3, 'self_attn.q_proj.weight')
+    >>> block_key(arch_spec_of("gpt2"), "h.0.attn.c_attn.bias")  # old GPT-2 checkpoints
+    (0, 'attn.c_attn.bias')
+    >>> block_key(arch_spec_of("llama"), "model.norm.weight") is None
+    True
+    """
+    match = _block_key_re(spec).match(name.removeprefix(_PEFT_PREFIX))
+    return None if match is None else (int(match.group(1)), match.group(2))
+
+
+def arch_spec_of(model_type: str) -> ArchSpec:
+    """The :class:`ArchSpec` of a ``model_type`` name (``"llama"``, ``"gpt2"``, ...)."""
+    spec = _BY_TYPE.get(model_type)
+    if spec is None:
+        raise SftlensError(
+            f"model_type {model_type!r} is not supported by sftlens; supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return spec
 
 
 def classify_param(spec: ArchSpec, name: str) -> ParamRole:
