@@ -106,10 +106,8 @@ def test_analyze_stream_layers_on_cuda_matches_cpu(tiny_pair, tmp_path, activati
     common = ["analyze", base, sft, "--max-prompts", "12", "--batch-size", "4"]
     common += ["--max-length", "96"]
     run([*common, "--out", str(tmp_path / "cpu"), "--device", "cpu"])
-    run(
-        [*common, "--out", str(tmp_path / "gpu"), "--device", "cuda", "--dtype", "float32"]
-        + ["--stream-layers", "--activations", activations]
-    )
+    gpu = ["--out", str(tmp_path / "gpu"), "--device", "cuda", "--dtype", "float32"]
+    run([*common, *gpu, "--stream-layers", "--activations", activations])
     assert_close_tables(metrics(tmp_path / "gpu"), metrics(tmp_path / "cpu"), TOL["float32"])
 
 
