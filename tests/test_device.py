@@ -259,7 +259,7 @@ def test_sft_under_fsdp_saves_the_gathered_weights_and_skips_sharded_checkpoints
     monkeypatch.setattr(sft, "_save", spy_save)
     monkeypatch.setattr(Accelerator, "get_state_dict", spy_get)
     out = _sft(tiny_pair[0], tmp_path / "fsdp", "synthetic")
-    assert saved == [("fsdp", True)] and gathered == [True]  # no checkpoint-last on the way
+    assert saved == [("fsdp", True)] and gathered == [True]  # no checkpoint on the way
     a, b = load_file(out / "model.safetensors"), load_file(plain / "model.safetensors")
     assert a.keys() == b.keys()
     for k in a:

@@ -336,12 +336,15 @@ def test_sft_stale_checkpoint_from_another_config_is_not_resumed(tiny_pair, tmp_
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         _sft(base, out, data, lr=1e-3)
-    assert json.loads((out / "checkpoint-last" / "trainer_state.json").read_text())["step"] == 2
+    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["step"] == 2
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     _sft(base, out, data, lr=2e-3)  # another lr: start over from the base model
     state = json.loads((out / "trainer_state.json").read_text())
     assert [h["step"] for h in state["history"]] == [1, 2, 3]
     _assert_same_weights(out, fresh)
+    # the other config's step-2 snapshot is gone; this run's own (save_every 2) replaced it
+    snapshot = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert snapshot["config_hash"] == state["config_hash"]
 
 
 def test_sft_reuses_a_finished_run_unless_model_or_data_bytes_change(
