@@ -22,6 +22,7 @@ _API = {
     "tune",
     "suggest",
     "sweep",
+    "trajectory",
     "report",
     "load_model",
     "resolve_model",

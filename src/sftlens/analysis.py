@@ -126,7 +126,7 @@ def plan_memory(
                 outside += n * elt
     biggest_block = max(blocks.values(), default=0)
     prompts = sum(b for b, _ in batch_shapes)
-    per_layer = 8 * (3 * d * d + 2 * prompts * d + 8 * d)
+    per_layer = layer_accumulator_bytes(d, prompts)
     compute = 8 * 3 * d * d  # rows(): a layer's metrics from its moments
     b, t = batch_shapes[0] if batch_shapes else (0, 0)
     attn = 2 * b * heads * t * t * elt if cfg.attention else 0  # both models, one layer
@@ -184,13 +184,35 @@ def plan_memory(
     return plan
 
 
+def layer_accumulator_bytes(hidden: int, prompts: int) -> int:
+    """Bytes one layer's float64 accumulators of a pair hold: ``3 d^2`` for token CKA, one
+    pooled row per prompt and model, and a few vectors.
+
+    >>> layer_accumulator_bytes(4, 10)
+    1280
+    """
+    d = hidden
+    return 8 * (3 * d * d + 2 * prompts * d + 8 * d)
+
+
+def analysis_texts(cfg: AnalyzeConfig) -> list[str]:
+    """The texts an analysis feeds both models: ``--data``/``--split``/``--max-prompts``, each
+    question alone (``--text question``) or with its worked answer (``qa``)."""
+    from sftlens.data import resolve_dataset
+    from sftlens.data.prompts import format_question, format_target
+
+    examples = resolve_dataset(cfg.data, split=cfg.split, limit=cfg.max_prompts)
+    return [
+        format_question(e.question) + (format_target(e.answer) if cfg.text == "qa" else "")
+        for e in examples
+    ]
+
+
 def run_analyze(cfg: AnalyzeConfig, run: RunFolder | None = None) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
     from sftlens import representations, streaming
-    from sftlens.data import resolve_dataset
-    from sftlens.data.prompts import format_question, format_target
     from sftlens.distributed import init_from_env, is_main
     from sftlens.io import atomic_write_json, config_hash, read_json, write_rows_csv
     from sftlens.models import surgery
@@ -206,11 +228,7 @@ def run_analyze(cfg: AnalyzeConfig, run: RunFolder | None = None) -> Path:
     readers = (CheckpointReader(base_dir), CheckpointReader(sft_dir))
     info = check_pair(readers[0].config, readers[1].config)
     keep = select_layers(cfg.layers, cfg.every, info.num_layers)
-    examples = resolve_dataset(cfg.data, split=cfg.split, limit=cfg.max_prompts)
-    texts = [
-        format_question(e.question) + (format_target(e.answer) if cfg.text == "qa" else "")
-        for e in examples
-    ]
+    texts = analysis_texts(cfg)
     prints = {"base": fingerprint(base_dir), "sft": fingerprint(sft_dir)}
     if is_main():
         run.save_config(

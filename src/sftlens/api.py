@@ -22,6 +22,7 @@ from sftlens.config import (
     SuggestConfig,
     SwapConfig,
     SweepConfig,
+    TrajectoryConfig,
     TuneConfig,
     WeightsConfig,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "suggest",
     "swap",
     "sweep",
+    "trajectory",
     "tune",
     "weights",
 ]
@@ -189,6 +191,19 @@ def interpolate(base: str, sft: str, **options: Any) -> Path:
     from sftlens.experiments.interpolate import run_interpolate
 
     return run_interpolate(InterpolateConfig(base=base, sft=sft, **options))
+
+
+def trajectory(base: str, checkpoints: str | list[str], **options: Any) -> Path:
+    """Weight and representation metrics of every checkpoint against BASE and against the one
+    before it (``trajectory.csv``); ``checkpoints``: folders in training order, or one folder
+    of ``checkpoint-STEP`` subfolders. Options: :class:`sftlens.config.TrajectoryConfig`.
+
+    >>> run = sftlens.trajectory("smollm2-135m-instruct", "runs/sft", out="runs/t")  # doctest: +SKIP
+    """
+    from sftlens.experiments.trajectory import run_trajectory
+
+    given = [checkpoints] if isinstance(checkpoints, str) else list(checkpoints)
+    return run_trajectory(TrajectoryConfig(base=base, checkpoints=given, **options))
 
 
 def suggest(run_dir: str | Path, **options: Any) -> Suggestion:

@@ -23,6 +23,7 @@ from sftlens.config import (
     SuggestConfig,
     SwapConfig,
     SweepConfig,
+    TrajectoryConfig,
     TuneConfig,
     WeightsConfig,
     add_arguments,
@@ -93,6 +94,12 @@ def _interpolate(ns: argparse.Namespace) -> Any:
     return run_interpolate(from_namespace(InterpolateConfig, ns))
 
 
+def _trajectory(ns: argparse.Namespace) -> Any:
+    from sftlens.experiments.trajectory import run_trajectory
+
+    return run_trajectory(from_namespace(TrajectoryConfig, ns))
+
+
 def _suggest(ns: argparse.Namespace) -> Any:
     from sftlens.tuning.suggest import run_suggest
 
@@ -148,6 +155,11 @@ COMMANDS: dict[str, tuple[type | None, Callable[[argparse.Namespace], Any], str]
         SuggestConfig,
         _suggest,
         "propose a Mid-Block LoRA mask from an analysis run, with the evidence per block",
+    ),
+    "trajectory": (
+        TrajectoryConfig,
+        _trajectory,
+        "weight and representation metrics of every checkpoint vs BASE and vs the previous one",
     ),
     "report": (None, _report, "rebuild report.html of a run folder"),
 }

@@ -14,6 +14,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar, Union
 
 from sftlens.errors import SftlensError
@@ -62,7 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             if f.default is not dataclasses.MISSING
             else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         )
-        if f.metadata.get("positional"):
+        if f.metadata.get("positional") and typing.get_origin(tp) is list:
+            # '*', not '+': an empty list reaches the config's own one-line check
+            inner = typing.get_args(tp)[0]
+            parser.add_argument(
+                f.name, nargs="*", type=inner, help=help_text, metavar=f.name.upper()
+            )
+        elif f.metadata.get("positional"):
             parser.add_argument(f.name, type=tp, help=help_text, metavar=f.name.upper())
         elif tp is bool:
             parser.add_argument(
@@ -414,6 +421,45 @@ class AnalyzeConfig:
         if self.layers.strip():
             parse_layer_selection(self.layers, None)  # syntax now; the range once L is known
         parse_size(self.max_memory)
+
+
+@dataclass
+class TrajectoryConfig(AnalyzeConfig):
+    """``sftlens trajectory BASE CKPT1 CKPT2 ...``: weight and representation metrics of every
+    checkpoint against BASE (cumulative) and against the previous checkpoint (per stage).
+
+    One folder of ``checkpoint-STEP`` subfolders (``sftlens sft --save-every N``, transformers'
+    Trainer) stands for its checkpoints by step. The prompt options are those of ``analyze``;
+    BASE runs once per batch for all checkpoints that fit in memory together.
+    Work: :mod:`sftlens.experiments.trajectory`.
+    """
+
+    sft: str = field(default="", init=False, repr=False)  # each checkpoint in turn
+    stream_layers: bool | None = field(default=False, init=False, repr=False)  # in memory only
+    activations: str = field(default="auto", init=False, repr=False)
+    out: str = arg("runs/trajectory", help="run folder (trajectory.csv, plots, report.html)")
+    max_memory: str = arg(
+        "",
+        help="memory the run may use, e.g. 24GiB (default: what the machine has available); "
+        "checkpoints that do not fit together are run in groups, BASE again for each group",
+    )
+    checkpoints: list[str] = arg(  # noqa: RUF009  (a default_factory: arg copies the list)
+        [],
+        help="checkpoints in training order (folders, .gguf files, hub ids or aliases), or one "
+        "folder of checkpoint-STEP subfolders",
+        positional=True,
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.checkpoints, (str, Path)):  # the API's one folder of checkpoints
+            self.checkpoints = [self.checkpoints]
+        self.checkpoints = [str(c) for c in self.checkpoints]
+        _check(
+            len(self.checkpoints) >= 1,
+            "trajectory needs BASE and at least one checkpoint: sftlens trajectory BASE CKPT1 "
+            "[CKPT2 ...] (or BASE and a folder of checkpoint-STEP subfolders)",
+        )
 
 
 # -- experiments and evaluation -----------------------------------------------------------------

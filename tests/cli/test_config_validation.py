@@ -25,6 +25,7 @@ from sftlens.config import (
     SuggestConfig,
     SwapConfig,
     SweepConfig,
+    TrajectoryConfig,
     TuneConfig,
     WeightsConfig,
 )
@@ -151,6 +152,13 @@ CASES: list[tuple[type, dict, str]] = [
     (SweepConfig, {"eval_batch_size": 0}, "--eval-batch-size must be >= 1, got 0"),
     (SweepConfig, {"steps": 0}, "--steps must be >= 1, got 0"),
     (SweepConfig, {"split": "test"}, "tune refuses to train on the test split; use --split train"),
+    (
+        TrajectoryConfig,
+        {"checkpoints": []},
+        "trajectory needs BASE and at least one checkpoint: sftlens trajectory BASE CKPT1 "
+        "[CKPT2 ...] (or BASE and a folder of checkpoint-STEP subfolders)",
+    ),
+    (TrajectoryConfig, {"max_prompts": 0}, "--max-prompts must be >= 1, got 0"),
 ]
 # checks outside _check (parsers shared with the commands): the message ends with the forms
 PARSED_CASES: list[tuple[type, dict, str]] = [
@@ -166,12 +174,20 @@ def positional(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.metadata.get("positional")]
 
 
+def _listed(cls: type, name: str) -> bool:
+    """A positional that takes one or more values (``trajectory``'s checkpoints)."""
+    return "list" in str(next(f.type for f in dataclasses.fields(cls) if f.name == name))
+
+
 def api_kwargs(cls: type, bad: dict) -> dict:
-    return {**{name: "m" for name in positional(cls)}, **bad}
+    return {**{name: ["m"] if _listed(cls, name) else "m" for name in positional(cls)}, **bad}
 
 
 def cli_args(cls: type, bad: dict) -> list[str]:
-    args = [COMMAND_OF[cls]] + [str(bad.get(name, "m")) for name in positional(cls)]
+    args = [COMMAND_OF[cls]]
+    for name in positional(cls):
+        value = bad.get(name, ["m"] if _listed(cls, name) else "m")
+        args += [str(v) for v in value] if isinstance(value, list) else [str(value)]
     for name, value in bad.items():
         if name in positional(cls):
             continue
@@ -220,7 +236,7 @@ def test_from_is_an_alias_of_from_run():
 
 @pytest.mark.parametrize("cls", sorted(COMMAND_OF, key=lambda c: c.__name__))
 def test_defaults_pass_every_check(cls):
-    cls(**{name: "m" for name in positional(cls)})
+    cls(**api_kwargs(cls, {}))
 
 
 def test_every_check_in_config_py_has_a_case(monkeypatch):

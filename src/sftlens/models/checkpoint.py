@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -174,3 +175,27 @@ class CheckpointReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    """Complete ``checkpoint-STEP`` subfolders of ``folder`` as ``(step, path)``, by step.
+
+    Ordered by the number, not the name (``checkpoint-100`` after ``checkpoint-20``); a save
+    that was killed (no ``trainer_state.json`` yet, or a ``.tmp`` folder) is left out. Reads
+    the folders of ``sftlens sft`` and of transformers' Trainer alike.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> for name in ("checkpoint-100", "checkpoint-20", "checkpoint-5.tmp", "checkpoint-7"):
+    ...     (d / name).mkdir()
+    >>> for name in ("checkpoint-100", "checkpoint-20"):
+    ...     _ = (d / name / "trainer_state.json").write_text("{}")
+    >>> [step for step, _ in list_checkpoints(d)]
+    [20, 100]
+    """
+    found = []
+    for path in Path(folder).glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if m and (path / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), path))
+    return sorted(found)

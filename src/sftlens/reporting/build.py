@@ -55,11 +55,14 @@ _EXPERIMENT_SECTIONS = (
     "sftlens.tuning.tune",
     "sftlens.tuning.suggest",
     "sftlens.tuning.sweep",
+    "sftlens.experiments.trajectory",
 )
 
 
 RUN_FILES = ("config.json", "metrics.csv", "summary.json")
-_MAKERS = "sftlens weights, analyze, eval, probe, swap, interpolate, tune, sweep or demo"
+_MAKERS = (
+    "sftlens weights, analyze, eval, probe, swap, interpolate, tune, sweep, trajectory or demo"
+)
 
 
 def build_report(run: Path) -> Path:

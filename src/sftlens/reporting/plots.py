@@ -403,3 +403,81 @@ def plot_sweep(rows: Sequence[Row], path: str | Path, metric: str = "answer_nll"
     ax.set_title("Mid-Block LoRA: held-out score per mask")
     ax.grid(axis="y", alpha=0.3, zorder=0)
     return _save(fig, path)
+
+
+def plot_trajectory(rows: Sequence[Row], plots_dir: str | Path) -> list[Path]:
+    """Layer x checkpoint heatmaps (one PNG per ``against``: ``trajectory_base.png``,
+    ``trajectory_previous.png``) of ``dw_attn``, ``dw_mlp``, ``cka_std`` and the SFT side's
+    ``prompt_entropy_norm``, from ``trajectory.csv`` rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sftlens.experiments.trajectory import HEATMAPS
+
+    points: list[tuple[str, int]] = []
+    for r in rows:
+        if (r["checkpoint"], r["step"]) not in points:
+            points.append((r["checkpoint"], r["step"]))
+    out = []
+    for against, title in (("base", "against BASE (cumulative)"), ("previous", "per stage")):
+        panels = []
+        for metric, model in HEATMAPS:
+            cells = {
+                (r["layer"], (r["checkpoint"], r["step"])): r["value"]
+                for r in rows
+                if r["against"] == against
+                and r["metric"] == metric
+                and r["model"] == model
+                and r["layer"] is not None
+                and r["layer"] >= 0
+            }
+            if cells:
+                layers = sorted({layer for layer, _ in cells})
+                grid = [[cells.get((layer, p), float("nan")) for p in points] for layer in layers]
+                panels.append((metric if model == "pair" else f"{metric} ({model})", layers, grid))
+        if not panels:
+            continue
+        fig, axes = plt.subplots(
+            1, len(panels), figsize=(3.2 * len(panels), 3.6), dpi=110, squeeze=False
+        )
+        for ax, (name, layers, grid) in zip(axes[0], panels):
+            im = ax.imshow(
+                grid,
+                aspect="auto",
+                origin="lower",
+                cmap="viridis_r" if name.startswith("cka") else "viridis",
+                interpolation="nearest",
+            )
+            ax.set_title(name, fontsize=9)
+            ax.set_xticks(range(len(points)))
+            ax.set_xticklabels([str(s) for _, s in points], fontsize=7, rotation=45)
+            ax.set_yticks(range(len(layers)))
+            ax.set_yticklabels([str(layer) for layer in layers], fontsize=7)
+            ax.set_xlabel("step")
+            ax.set_ylabel("layer")
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        fig.suptitle(f"Trajectory {title}", fontsize=10)
+        out.append(_save(fig, Path(plots_dir) / f"trajectory_{against}.png"))
+    return out
+
+
+def plot_half_change(summary: Mapping[str, Any], path: str | Path) -> Path | None:
+    """Per layer, the step at which half of its final change (against BASE) was reached:
+    "when did this layer move" (``summary.json``'s ``trajectory.half_change_step``)."""
+    half = summary.get("half_change_step", {})
+    curves = {
+        ("1 - cka_std" if m == "cka_std" else m): [
+            float("nan") if v is None else float(v) for v in values
+        ]
+        for m, values in half.items()
+    }
+    if not any(curves.values()):
+        return None
+    return plot_layers(
+        path,
+        curves,
+        title="When did each layer move (half of its final change)",
+        ylabel="step",
+    )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import shutil
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 from sftlens.config import SFTConfig
 from sftlens.io import atomic_write_json, read_json
+from sftlens.models.checkpoint import list_checkpoints  # moved there; importable from here
 
 # the shared pieces, importable from here as before
 from sftlens.tuning.loop import (
@@ -63,30 +63,6 @@ log = logging.getLogger("sftlens.sft")
 #: where sftlens before 0.2 kept its one resumable checkpoint (removed when found)
 LEGACY_CHECKPOINT = "checkpoint-last"
 _OPTIMIZER_FILES = ("optimizer.safetensors", "optimizer.json")
-
-
-def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
-    """Complete ``checkpoint-STEP`` subfolders of ``folder`` as ``(step, path)``, by step.
-
-    Ordered by the number, not the name (``checkpoint-100`` after ``checkpoint-20``); a save
-    that was killed (no ``trainer_state.json`` yet, or a ``.tmp`` folder) is left out. Reads
-    the folders of ``sftlens sft`` and of transformers' Trainer alike.
-
-    >>> import tempfile
-    >>> d = Path(tempfile.mkdtemp())
-    >>> for name in ("checkpoint-100", "checkpoint-20", "checkpoint-5.tmp", "checkpoint-7"):
-    ...     (d / name).mkdir()
-    >>> for name in ("checkpoint-100", "checkpoint-20"):
-    ...     _ = (d / name / "trainer_state.json").write_text("{}")
-    >>> [step for step, _ in list_checkpoints(d)]
-    [20, 100]
-    """
-    found = []
-    for path in Path(folder).glob("checkpoint-*"):
-        m = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        if m and (path / "trainer_state.json").is_file():
-            found.append((int(m.group(1)), path))
-    return sorted(found)
 
 
 def _resumable(out: Path, key: str) -> Path | None:
