@@ -70,6 +70,9 @@ class RepresentationPass:
     keep: Sequence[int] | None = None
     layers: dict[int, LayerAccumulators] = field(init=False)
     attn: dict[int, AttentionStats] = field(init=False)
+    #: the sides whose per-model accumulators (prompt entropy, pooled rows) this pass feeds;
+    #: a side it does not own shares another pass's accumulators (:meth:`share`)
+    own: tuple[str, ...] = field(init=False, default=("base", "sft"))
 
     def __post_init__(self) -> None:
         kept = range(-1, self.num_layers) if self.keep is None else sorted(set(self.keep))
@@ -93,6 +96,16 @@ class RepresentationPass:
             if self.attention
             else {}
         )
+
+    def share(self, side: str, other: RepresentationPass, other_side: str) -> None:
+        """Read ``side``'s per-model accumulators from ``other``'s ``other_side`` (the same
+        model over the same batches, fed there) instead of feeding a copy: ``trajectory``
+        computes each model's prompt entropy and pooled rows once, however many pairs it is in.
+        Per-pair accumulators (CKA, moments, attention) stay this pass's own."""
+        for layer, acc in self.layers.items():
+            acc.entropy[side] = other.layers[layer].entropy[other_side]
+            acc.pooled[side] = other.layers[layer].pooled[other_side]
+        self.own = tuple(m for m in self.own if m != side)
 
     def update(
         self,
@@ -141,8 +154,9 @@ class RepresentationPass:
                         f"{model} model produced NaN/inf hidden states at {where}; "
                         "check the checkpoint, or run in float32 (--dtype float32)"
                     )
-                acc.entropy[model].update_batch(h, mask)  # one prompt = one row of h
-                acc.pooled[model].update(_pool(rows, lengths, self.pooling))
+                if model in self.own:  # a shared side is fed by the pass that owns it
+                    acc.entropy[model].update_batch(h, mask)  # one prompt = one row of h
+                    acc.pooled[model].update(_pool(rows, lengths, self.pooling))
             acc.cka.update(real_rows["base"], real_rows["sft"])  # same tokens, both models
             acc.moments.update(real_rows["base"], real_rows["sft"])
         if self.attn:  # blocks kept, attention on (the embedding output has none)
@@ -179,8 +193,11 @@ class RepresentationPass:
             acc.load_state_dict({k: state[f"{name}.{k}"] for k in acc.state_dict()})
 
     def all_reduce_(self) -> None:
-        for acc in self.accumulators().values():
-            acc.all_reduce_()
+        shared = {f".{kind}.{m}" for kind in ("entropy", "pooled") for m in ("base", "sft")}
+        shared -= {f".{kind}.{m}" for kind in ("entropy", "pooled") for m in self.own}
+        for name, acc in self.accumulators().items():
+            if not any(name.endswith(suffix) for suffix in shared):  # reduced by their owner
+                acc.all_reduce_()
 
     def to_(self, device: torch.device | str) -> None:
         """Keep the float64 sums on ``device`` (the models'): no host copy of every batch's

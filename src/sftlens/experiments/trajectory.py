@@ -482,6 +482,17 @@ def _representation_rows(
             for against in AGAINST
             if not (i == 0 and against == "previous")  # the first's previous is BASE
         }
+        # each model's own statistics (prompt entropy, pooled rows) are fed once: BASE's by
+        # the group's first pair, a checkpoint's by its pair against BASE; the other pairs
+        # share them (a carried checkpoint's are fed by its pair against the one in the group)
+        owner = passes[(group[0], "base")]
+        for i in group:
+            if i != group[0]:
+                passes[(i, "base")].share("base", owner, "base")
+            if (i, "previous") in passes:
+                passes[(i, "previous")].share("sft", passes[(i, "base")], "sft")
+                if i != group[0]:
+                    passes[(i, "previous")].share("base", passes[(i - 1, "base")], "sft")
         desc = "trajectory" if len(groups) == 1 else f"trajectory {g + 1}/{len(groups)}"
         with torch.inference_mode():
             for batch in tqdm(batches, desc=desc, unit="batch", disable=not cfg.progress):
