@@ -100,11 +100,14 @@ class RepresentationPass:
     def share(self, side: str, other: RepresentationPass, other_side: str) -> None:
         """Read ``side``'s per-model accumulators from ``other``'s ``other_side`` (the same
         model over the same batches, fed there) instead of feeding a copy: ``trajectory``
-        computes each model's prompt entropy and pooled rows once, however many pairs it is in.
-        Per-pair accumulators (CKA, moments, attention) stay this pass's own."""
+        computes each model's prompt entropy, pooled rows and CKA self-moments once, however
+        many pairs it is in. Cross terms (CKA's, moments, attention) stay this pass's own.
+        Call after :meth:`to_`."""
+        sides = ("base", "sft")
         for layer, acc in self.layers.items():
             acc.entropy[side] = other.layers[layer].entropy[other_side]
             acc.pooled[side] = other.layers[layer].pooled[other_side]
+            acc.cka.share(sides.index(side), other.layers[layer].cka, sides.index(other_side))
         self.own = tuple(m for m in self.own if m != side)
 
     def update(

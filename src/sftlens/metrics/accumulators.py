@@ -116,6 +116,26 @@ class StreamingCKA(_Accumulator):
             self._zeros(d_y, d_x),
         )
         self.sx, self.sy, self.count = self._zeros(d_x), self._zeros(d_y), self._zeros()
+        self.own = (True, True)  # which sides' own moments (x: sxx, sx; y: syy, sy) it feeds
+
+    _SIDES = (("sxx", "sx"), ("syy", "sy"))
+
+    def share(self, side: int, other: StreamingCKA, other_side: int) -> None:
+        """Read side ``side``'s own moments (0: x, 1: y) from ``other``'s side ``other_side``
+        (the same model's rows over the same tokens, fed there) instead of feeding a copy: one
+        model's ``X^T X`` serves every pair it is in. Call after :meth:`to_`.
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x, y, z = (torch.randn(50, 3, generator=g) for _ in range(3))
+        >>> a, b = StreamingCKA(3, 3), StreamingCKA(3, 3)
+        >>> b.share(0, a, 1)  # b's x is a's y
+        >>> a.update(x, y); b.update(y, z)
+        >>> abs(b.compute() - float(linear_cka(y, z))) < 1e-12
+        True
+        """
+        for mine, theirs in zip(self._SIDES[side], self._SIDES[other_side]):
+            setattr(self, mine, getattr(other, theirs))
+        self.own = (self.own[0] and side != 0, self.own[1] and side != 1)
 
     def update(self, x: Tensor, y: Tensor) -> None:
         """Add token rows x (N, d_x) of the base model and y (N, d_y) of the SFT model."""
@@ -124,12 +144,22 @@ class StreamingCKA(_Accumulator):
             raise SftlensError(
                 f"expected widths ({self.d_x}, {self.d_y}), got ({x.shape[1]}, {y.shape[1]}); build StreamingCKA with the models' hidden sizes"
             )
-        self.sxx.addmm_(x.T, x)  # in place: no (d, d) temporaries
-        self.syy.addmm_(y.T, y)
+        if self.own[0]:  # a shared side is fed by its owner
+            self.sxx.addmm_(x.T, x)  # in place: no (d, d) temporaries
+            self.sx += x.sum(dim=0)
+        if self.own[1]:
+            self.syy.addmm_(y.T, y)
+            self.sy += y.sum(dim=0)
         self.sxy.addmm_(y.T, x)
-        self.sx += x.sum(dim=0)
-        self.sy += y.sum(dim=0)
         self.count += x.shape[0]
+
+    def all_reduce_(self) -> None:
+        """Sum the state over ranks; shared moments are summed by their owner only."""
+        if _distributed():
+            shared = {n for side, own in enumerate(self.own) if not own for n in self._SIDES[side]}
+            for name in self._state:
+                if name not in shared:
+                    dist.all_reduce(getattr(self, name), op=dist.ReduceOp.SUM)
 
     def compute(self, *, standardize: bool = False) -> float:
         """Linear CKA of all tokens seen (``cka`` in metrics.csv; ``cka_std`` with
