@@ -261,3 +261,32 @@ def test_half_change_and_summary_rules():
     assert trajectory.change_values(rows, "cka_std") == {0: [pytest.approx(0.1), 0.5, 0.4]}
     points = [trajectory.Point(c, Path(c), s) for c, s in (("a", 10), ("b", 20), ("c", 30))]
     assert trajectory.summarize(rows, points, 1)["half_change_step"]["cka_std"] == [20]
+
+
+def test_an_sftlens_sft_run_folder_is_a_trajectory(chain, tmp_path, no_plots):
+    """``sft --save-every 2`` of 5 steps: checkpoint-2, checkpoint-4, then the final model
+    (step 5) itself; the last point's rows against BASE equal those of the final model."""
+    base, _ = chain
+    run = api.sft(
+        str(base),
+        out=str(tmp_path / "sft"),
+        data="synthetic",
+        max_examples=8,
+        steps=5,
+        batch_size=2,
+        lr=5e-3,
+        warmup_ratio=0.0,
+        max_length=256,
+        save_every=2,
+        device="cpu",
+        progress=False,
+    )
+    out = api.trajectory(str(base), str(run), out=str(tmp_path / "t"), **OPTS)
+    rows = rows_of(out)
+    assert list(dict.fromkeys((Path(r["checkpoint"]).name, r["step"]) for r in rows)) == [
+        ("checkpoint-2", 2),
+        ("checkpoint-4", 4),
+        ("sft", 5),
+    ]
+    stage = table(rows, str(run), "previous")
+    assert stage[("pair", None, "dw_total")] > 0  # training went on after checkpoint-4
