@@ -31,6 +31,7 @@ import csv
 import dataclasses
 import logging
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,19 +70,25 @@ class Point:
 
 def read_step(folder: Path) -> int | None:
     """The training step recorded in ``folder/trainer_state.json`` (``step``: sftlens,
-    ``global_step``: transformers' Trainer), or None."""
+    ``global_step``: transformers' Trainer), else the ``N`` of a folder named
+    ``checkpoint-N``, else None.
+
+    >>> read_step(Path("/nowhere/checkpoint-120")), read_step(Path("/nowhere/final"))
+    (120, None)
+    """
     state = folder / "trainer_state.json"
-    if not state.is_file():
-        return None
-    try:
-        data = read_json(state)
-    except ValueError:
-        return None
+    data = None
+    if state.is_file():
+        try:
+            data = read_json(state)
+        except ValueError:
+            data = None
     for key in ("step", "global_step"):
         value = data.get(key) if isinstance(data, dict) else None
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-    return None
+    named = re.fullmatch(r"checkpoint-(\d+)", folder.name)
+    return int(named.group(1)) if named else None
 
 
 def _is_model_folder(folder: Path) -> bool:
@@ -124,7 +131,7 @@ def expand_checkpoints(given: Sequence[str]) -> list[tuple[str, int | None]]:
     out = []
     for name in given:
         path = Path(name).expanduser()
-        out.append((name, read_step(path) if path.is_dir() else None))
+        out.append((name, read_step(path)))
     return out
 
 
