@@ -10,7 +10,7 @@ from sftlens import api
 from sftlens.cli import main
 from sftlens.errors import SftlensError
 
-MAKERS = "sftlens weights, analyze, eval, probe, swap, interpolate, tune, sweep or demo"
+MAKERS = "sftlens weights, analyze, eval, probe, swap, interpolate, tune, sweep, trajectory or demo"
 
 
 def test_report_on_a_missing_folder(tmp_path, capsys):
