@@ -238,7 +238,7 @@ def _library_bars(enabled: bool) -> Iterator[None]:
             os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
         else:
             os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = old
-        restore = was_on or hf is None  # loaded inside: its bars were on before we switched
-        hf = sys.modules.get("transformers.utils.logging")
-        if hf is not None and restore:
+        # imported inside, huggingface_hub read the variable once and keeps its bars off (it
+        # warns when asked to switch them on): only an earlier import gets its bars back
+        if was_on and hf is not None:
             hf.enable_progress_bar()
