@@ -215,7 +215,6 @@ def run_analyze(cfg: AnalyzeConfig, run: RunFolder | None = None) -> Path:
     from sftlens import representations, streaming
     from sftlens.distributed import init_from_env, is_main
     from sftlens.io import atomic_write_json, config_hash, read_json, write_rows_csv
-    from sftlens.models import surgery
     from sftlens.models.checkpoint import CheckpointReader
     from sftlens.models.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
     from sftlens.models.pair import check_pair
@@ -249,40 +248,19 @@ def run_analyze(cfg: AnalyzeConfig, run: RunFolder | None = None) -> Path:
 
         config = AutoConfig.from_pretrained(base_dir)
         tok = load_tokenizer(base_dir)
-        batches = representations.pass_batches(
-            tok,
-            texts,
-            batch_size=cfg.batch_size,
-            max_length=cfg.max_length,
-            truncate=cfg.truncate,
-            padding_side=cfg.padding_side,
-        )
+        batches = config_batches(cfg, tok, texts)
         mine = [tuple(b.input_ids.shape) for i, b in enumerate(batches) if i % world == rank]
-        budget = parse_size(cfg.max_memory)
-        if budget is None and resolve_device(cfg.device).startswith("cuda"):
-            budget = torch.cuda.mem_get_info()[0]  # weights and activations live there
         plan = plan_memory(
             cfg,
             readers,
             config,
-            mine,  # type: ignore[arg-type]
+            mine,
             keep,
-            budget if budget is not None else available_memory(),
+            memory_budget(cfg),
         )
 
         def make_pass(layers: list[int]) -> representations.RepresentationPass:
-            acc = representations.RepresentationPass(
-                num_layers=info.num_layers,
-                hidden=info.hidden_size,
-                num_heads=surgery.num_heads(config),
-                alpha=cfg.alpha,
-                preset=cfg.preset,  # type: ignore[arg-type]  # validated by AnalyzeConfig
-                pooling=cfg.pooling,
-                attention=cfg.attention,
-                keep=layers,
-            )
-            acc.to_(resolve_device(cfg.device))  # the sums live beside the models (a GPU's)
-            return acc
+            return config_pass(cfg, info.num_layers, info.hidden_size, config, layers)
 
         if plan.stream:
             rows, heads = _stream(plan, batches, make_pass)
@@ -443,3 +421,53 @@ def _analyze_summary(
     share = series(rows, "top_feature_share", model="base")
     out["massive_feature_layers"] = [i for i, v in enumerate(share) if v > 0.5]
     return out
+
+
+def config_batches(cfg: AnalyzeConfig, tok: Any, texts: Sequence[str]) -> list[Any]:
+    """The padded batches of ``texts`` as the analyze options ask (shared with trajectory)."""
+    from sftlens import representations
+
+    return representations.pass_batches(
+        tok,
+        texts,
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        truncate=cfg.truncate,
+        padding_side=cfg.padding_side,
+    )
+
+
+def memory_budget(cfg: AnalyzeConfig) -> int:
+    """Bytes the run may use: ``--max-memory``, else free GPU memory on a GPU (weights and
+    activations live there), else the memory available to this process."""
+    import torch
+
+    from sftlens.models.loading import resolve_device
+
+    budget = parse_size(cfg.max_memory)
+    if budget is None and resolve_device(cfg.device).startswith("cuda"):
+        budget = torch.cuda.mem_get_info()[0]
+    return budget if budget is not None else available_memory()
+
+
+def config_pass(
+    cfg: AnalyzeConfig, num_layers: int, hidden: int, config: Any, keep: Sequence[int]
+) -> Any:
+    """Empty accumulators for the layers ``keep`` with the analyze options, on the models'
+    device (the float64 sums live beside them: a GPU's)."""
+    from sftlens import representations
+    from sftlens.models import surgery
+    from sftlens.models.loading import resolve_device
+
+    acc = representations.RepresentationPass(
+        num_layers=num_layers,
+        hidden=hidden,
+        num_heads=surgery.num_heads(config),
+        alpha=cfg.alpha,
+        preset=cfg.preset,  # type: ignore[arg-type]  # validated by AnalyzeConfig
+        pooling=cfg.pooling,
+        attention=cfg.attention,
+        keep=keep,
+    )
+    acc.to_(resolve_device(cfg.device))
+    return acc

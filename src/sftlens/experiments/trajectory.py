@@ -387,21 +387,14 @@ def _representation_rows(
 
     from sftlens import capture as capture_mod
     from sftlens import representations
-    from sftlens.analysis import layer_accumulator_bytes
-    from sftlens.memory import Budget, available_memory, nbytes, parse_size
+    from sftlens.analysis import config_batches, config_pass, layer_accumulator_bytes, memory_budget
+    from sftlens.memory import Budget, nbytes
     from sftlens.models import surgery
     from sftlens.models.checkpoint import CheckpointReader
     from sftlens.models.loading import load_model, load_tokenizer, resolve_device
 
     tok = load_tokenizer(base_dir)
-    batches = representations.pass_batches(
-        tok,
-        texts,
-        batch_size=cfg.batch_size,
-        max_length=cfg.max_length,
-        truncate=cfg.truncate,
-        padding_side=cfg.padding_side,
-    )
+    batches = config_batches(cfg, tok, texts)
     device = resolve_device(cfg.device)
     from transformers import AutoConfig
 
@@ -421,10 +414,7 @@ def _representation_rows(
     if cfg.attention:
         states += layers * b * heads * t * t * elt
     acc_bytes = len(keep) * layer_accumulator_bytes(d, len(texts))
-    budget = parse_size(cfg.max_memory)
-    if budget is None and device.startswith("cuda"):
-        budget = torch.cuda.mem_get_info()[0]
-    available = budget if budget is not None else available_memory()
+    available = memory_budget(cfg)
     groups = plan_groups(
         model_bytes,
         base=weights_bytes(base_reader),
@@ -455,18 +445,7 @@ def _representation_rows(
         )
 
     def make_pass() -> representations.RepresentationPass:
-        acc = representations.RepresentationPass(
-            num_layers=layers,
-            hidden=d,
-            num_heads=heads,
-            alpha=cfg.alpha,
-            preset=cfg.preset,  # type: ignore[arg-type]  # validated by AnalyzeConfig
-            pooling=cfg.pooling,
-            attention=cfg.attention,
-            keep=keep,
-        )
-        acc.to_(device)
-        return acc
+        return config_pass(cfg, layers, d, config, keep)
 
     def load(path: Path) -> Any:
         model, _ = load_model(
