@@ -138,6 +138,24 @@ def test_checkpoint_folders_are_ordered_by_step_not_name(chain, tmp_path):
     assert got[-1][0] == str(folder)
 
 
+def test_a_later_stage_counts_its_steps_on_from_the_stage_before(chain, tmp_path):
+    """SFT checkpoints then a DPO model whose own trainer counts from 0 again."""
+    _, ckpts = chain
+    folder = _checkpoint_folder(tmp_path / "sft", ckpts[:2], [8, 16])
+    dpo = tmp_path / "dpo"
+    shutil.copytree(ckpts[2], dpo)
+    (dpo / "trainer_state.json").write_text(json.dumps({"step": 10}))
+    cfg = api.TrajectoryConfig(
+        base=str(chain[0]),
+        checkpoints=[str(folder / "checkpoint-8"), str(folder / "checkpoint-16"), str(dpo)],
+        out=str(tmp_path / "out"),
+        **OPTS,
+    )
+    assert [p.step for p in trajectory.trajectory_points(cfg)] == [8, 16, 26]
+    assert trajectory.stage_steps([5, 5, 0, None]) == [5, 10, 11, 14]
+    assert trajectory.stage_steps([3, 7]) == [3, 7]
+
+
 def test_base_runs_once_per_batch_and_groups_change_no_number(
     chain, tmp_path, monkeypatch, caplog, no_plots
 ):

@@ -546,13 +546,42 @@ def report_section(
     return ("Training trajectory (when did each layer move)", body)
 
 
+def stage_steps(steps: Sequence[int | None]) -> list[int]:
+    """Steps along a chain of training stages: a checkpoint whose own step does not exceed the
+    one before it starts a new stage (e.g. DPO after SFT, whose trainer counts from 0 again),
+    and its step is counted on from the previous stage's last step. A missing step is the
+    checkpoint's position in the list.
+
+    >>> stage_steps([8, 16, 24, 10, 20])  # SFT to step 24, then DPO steps 10, 20
+    [8, 16, 24, 34, 44]
+    >>> stage_steps([None, None, 5])
+    [1, 2, 5]
+    """
+    out: list[int] = []
+    offset = 0
+    for i, raw in enumerate(steps):
+        step = (i + 1 if raw is None else raw) + offset
+        if out and step <= out[-1]:
+            offset = out[-1]
+            step = (i + 1 if raw is None else raw) + offset
+            if step <= out[-1]:  # a position-numbered checkpoint after a numbered one
+                step = out[-1] + 1
+        out.append(step)
+    return out
+
+
 def trajectory_points(cfg: TrajectoryConfig) -> list[Point]:
     """The checkpoints a config names, resolved (for callers that want them without a run)."""
     from sftlens.models.loading import resolve_model
 
+    named = expand_checkpoints(cfg.checkpoints)
+    steps = stage_steps([s for _, s in named])
+    for (name, raw), step in zip(named, steps):
+        if raw is not None and step != raw:
+            log.info("%s: its step %d restarts the count (a new stage): step %d", name, raw, step)
     return [
-        Point(name, resolve_model(name, allow_pickle=cfg.allow_pickle), i + 1 if s is None else s)
-        for i, (name, s) in enumerate(expand_checkpoints(cfg.checkpoints))
+        Point(name, resolve_model(name, allow_pickle=cfg.allow_pickle), step)
+        for (name, _), step in zip(named, steps)
     ]
 
 
@@ -565,6 +594,7 @@ __all__ = [
     "plan_groups",
     "read_trajectory_csv",
     "run_trajectory",
+    "stage_steps",
     "summarize",
     "trajectory_points",
 ]
