@@ -219,8 +219,9 @@ def suggest(run_dir: str | Path, **options: Any) -> Suggestion:
 
 def demo(**options: Any) -> Path:
     """The main job: a short SFT of the base, then where it changed (weights, representations,
-    a short eval, the logit-lens probe) and which layers to train (``suggest``), in one report.
-    Resumable."""
+    a short eval, the logit-lens probe), when during the SFT each layer moved (a trajectory over
+    its checkpoints, in ``OUT/trajectory``) and which layers to train (``suggest``), in one
+    report. Resumable."""
     from sftlens.tuning.sft import train_sft
 
     cfg = DemoConfig(**options)
@@ -235,7 +236,8 @@ def demo(**options: Any) -> Path:
             lr=cfg.sft_lr,
             max_length=cfg.sft_max_length,
             seed=cfg.seed,
-            save_every=10,
+            # three checkpoints along the way, for the trajectory
+            save_every=max(1, cfg.sft_steps // 3) if cfg.trajectory_prompts else cfg.sft_steps,
             progress=cfg.progress,
         )
     )
@@ -286,6 +288,21 @@ def demo(**options: Any) -> Path:
                 progress=cfg.progress,
             )
         )
+    if cfg.trajectory_prompts:  # when, during the short SFT, did each layer move?
+        from sftlens.experiments.trajectory import run_trajectory
+
+        traj = run_trajectory(
+            TrajectoryConfig(
+                base=cfg.model,
+                checkpoints=[str(sft_dir)],
+                out=str(out / "trajectory"),
+                data=cfg.analyze_data,
+                split="test",
+                max_prompts=cfg.trajectory_prompts,
+                progress=cfg.progress,
+            )
+        )
+        log.info("trajectory over the SFT's checkpoints: %s", traj / "report.html")
     # the second question: so which layers should I train? (from this run's evidence alone)
     from sftlens.tuning.suggest import run_suggest
 

@@ -320,6 +320,11 @@ class DemoConfig:
     )
     eval_max_new_tokens: int = arg(128, help="generation bound of the short eval")
     probe_prompts: int = arg(8, help="problems for the logit-lens probe (0 skips it)")
+    trajectory_prompts: int = arg(
+        16,
+        help="prompts for the trajectory over the short SFT's checkpoints, in OUT/trajectory "
+        "(0 skips it)",
+    )
     seed: int = arg(0, help="seed")
     progress: bool = arg(True, help="show progress bars")
 
@@ -334,6 +339,10 @@ class DemoConfig:
             f"--eval-max-new-tokens must be >= 1, got {self.eval_max_new_tokens}",
         )
         _check(self.probe_prompts >= 0, f"--probe-prompts must be >= 0, got {self.probe_prompts}")
+        _check(
+            self.trajectory_prompts >= 0,
+            f"--trajectory-prompts must be >= 0, got {self.trajectory_prompts}",
+        )
 
 
 @dataclass

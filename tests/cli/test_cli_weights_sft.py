@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from clitools import error_line
 from sftlens.cli import main
+from sftlens.experiments import trajectory
 
 
 def test_weights_cli_writes_run_folder_and_resumes(tiny_pair, tmp_path, monkeypatch):
@@ -212,10 +213,15 @@ def test_demo_end_to_end_on_tiny_model_then_report(tiny_pair, tmp_path):
         "4",
         "--probe-prompts",
         "2",
+        "--trajectory-prompts",
+        "2",
         "--no-progress",
     ]
     assert main(args) == 0
     assert (out / "sft_model" / "model.safetensors").is_file()
+    # the trajectory over the SFT's checkpoints (steps 1 and 2), in its own run folder
+    steps = {r["step"] for r in trajectory.read_trajectory_csv(out / "trajectory/trajectory.csv")}
+    assert steps == {1, 2}
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert {"dw_attn", "cka", "prompt_entropy", "attn_js"} <= {r["metric"] for r in rows}
@@ -247,6 +253,7 @@ def test_demo_end_to_end_on_tiny_model_then_report(tiny_pair, tmp_path):
     saved = json.loads((out / "suggestion.json").read_text())
     assert saved["mask"] == suggest_mask(out, 5).mask
     assert saved["mask"] in html
+    assert '<a href="trajectory/report.html">' in html
     (out / "report.html").unlink()
     assert main(["report", str(out)]) == 0
     assert (out / "report.html").read_text() == html

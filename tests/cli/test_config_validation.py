@@ -76,6 +76,7 @@ CASES: list[tuple[type, dict, str]] = [
     (DemoConfig, {"eval_problems": -1}, "--eval-problems must be >= 0, got -1"),
     (DemoConfig, {"eval_max_new_tokens": 0}, "--eval-max-new-tokens must be >= 1, got 0"),
     (DemoConfig, {"probe_prompts": -1}, "--probe-prompts must be >= 0, got -1"),
+    (DemoConfig, {"trajectory_prompts": -1}, "--trajectory-prompts must be >= 0, got -1"),
     (AnalyzeConfig, {"max_prompts": 0}, "--max-prompts must be >= 1, got 0"),
     (AnalyzeConfig, {"batch_size": 0}, "--batch-size must be >= 1, got 0"),
     (AnalyzeConfig, {"max_length": 1}, "--max-length must be >= 2, got 1"),

@@ -151,8 +151,13 @@ def build_report(run: Path) -> Path:
         if section is not None:
             sections.append(section)
 
+    def entry(p: Path) -> str:  # a sub-run's own report is a link
+        if (p / "report.html").is_file():
+            return f'<li><a href="{esc(p.name)}/report.html"><code>{esc(p.name)}/</code></a></li>'
+        return f"<li><code>{esc(p.name)}</code></li>"
+
     files = "".join(
-        f"<li><code>{esc(p.name)}</code></li>"
+        entry(p)
         for p in sorted(run.iterdir())
         if not p.name.startswith(".") and p.name != "report.html"
     )
