@@ -1,0 +1,208 @@
+"""Mixture-of-experts families (Mixtral, Qwen2-MoE, OLMoE): weights per expert and router,
+routing shift, against independent float64 computations on tiny random pairs.
+
+``save_pretrained`` (transformers 5) writes one tensor per expert and part
+(``block_sparse_moe.experts.{e}.w1`` for Mixtral, ``mlp.experts.{e}.gate_proj`` for the others)
+while the live modules hold fused 3-D ``experts.gate_up_proj`` / ``experts.down_proj``; both
+layouts on disk must give the same numbers. The tiny models have 3 layers and 4 experts, so an
+expert index read as a layer index (or the reverse) lands on a row that does not exist.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sftlens.errors import SftlensError
+from sftlens.models import surgery
+from sftlens.weight_diff import weight_diff
+from tiny_models import perturb_all, save_model, tiny_config
+
+MOE = ("mixtral", "qwen2_moe", "olmoe")
+# checkpoint names of one expert's parts and of the MoE module, as save_pretrained writes them
+DISK = {
+    "mixtral": ("block_sparse_moe", {"gate": "w1", "up": "w3", "down": "w2"}),
+    "qwen2_moe": ("mlp", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}),
+    "olmoe": ("mlp", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}),
+}
+
+
+def _model(model_type: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
+
+
+@pytest.fixture(scope="module")
+def moe_pairs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """(base, sft) folders per family; the SFT model is the base perturbed everywhere."""
+    root = tmp_path_factory.mktemp("moe_pairs")
+    out = {}
+    for model_type in MOE:
+        model = _model(model_type)
+        base = save_model(model, root / model_type / "base")
+        perturb_all(model, scale=0.05, seed=2)
+        out[model_type] = (base, save_model(model, root / model_type / "sft"))
+    return out
+
+
+def _state(folder: Path) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update({k: v.double().numpy() for k, v in load_file(f).items()})
+    return out
+
+
+def _fro_sq(xs, ys) -> tuple[float, float]:
+    """(sum ||y - x||^2, sum ||x||^2) in float64."""
+    d = sum(float(((y - x) ** 2).sum()) for x, y in zip(xs, ys, strict=True))
+    return d, sum(float((x**2).sum()) for x in xs)
+
+
+def _expected(model_type: str, base: Path, sft: Path, cfg) -> tuple[dict, dict]:
+    """(per-layer rows {(metric, layer): value}, per-expert rows {(layer, expert, metric): value})
+    from the two state dicts, one tensor per expert as save_pretrained wrote them."""
+    a, b = _state(base), _state(sft)
+    moe, names = DISK[model_type]
+    layers, experts = {}, {}
+
+    def put(table, key, metric, pair):
+        d, n = pair
+        table[(*key[:-1], metric) if len(key) > 1 else (metric, key[0])] = math.sqrt(d)
+        table[(*key[:-1], f"{metric}_rel") if len(key) > 1 else (f"{metric}_rel", key[0])] = (
+            math.sqrt(d / n)
+        )
+
+    for layer in surgery.moe_layers(cfg):
+        p = f"model.layers.{layer}.{moe}."
+        router = [p + "gate.weight"]
+        expert_keys = []
+        for e in range(cfg.num_experts if model_type != "mixtral" else cfg.num_local_experts):
+            keys = {part: f"{p}experts.{e}.{n}.weight" for part, n in names.items()}
+            for part, key in keys.items():
+                put(experts, (layer, e, None), f"dw_{part}", _fro_sq([a[key]], [b[key]]))
+            put(
+                experts,
+                (layer, e, None),
+                "dw_expert",
+                _fro_sq([a[k] for k in keys.values()], [b[k] for k in keys.values()]),
+            )
+            expert_keys += keys.values()
+        shared = [k for k in a if k.startswith(p + "shared_expert")]  # shared expert and gate
+        put(layers, (layer,), "dw_router", _fro_sq([a[k] for k in router], [b[k] for k in router]))
+        put(
+            layers,
+            (layer,),
+            "dw_experts",
+            _fro_sq([a[k] for k in expert_keys], [b[k] for k in expert_keys]),
+        )
+        if model_type == "qwen2_moe":
+            assert len(shared) == 4
+            put(
+                layers,
+                (layer,),
+                "dw_shared_expert",
+                _fro_sq([a[k] for k in shared], [b[k] for k in shared]),
+            )
+        mlp = router + expert_keys + shared
+        put(layers, (layer,), "dw_mlp", _fro_sq([a[k] for k in mlp], [b[k] for k in mlp]))
+    return layers, experts
+
+
+def _fused_copy(folder: Path, out: Path) -> Path:
+    """The same checkpoint with the experts stored as transformers 5 holds them in memory
+    (fused 3-D ``mlp.experts.gate_up_proj`` / ``down_proj``; Mixtral's ``mlp.gate``)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    out.mkdir(parents=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state["lm_head.weight"] = model.lm_head.weight.detach().clone()
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_router_and_expert_dw_match_numpy_in_both_layouts(moe_pairs, model_type, tmp_path):
+    base, sft = moe_pairs[model_type]
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(base)
+    want_layers, want_experts = _expected(model_type, base, sft, cfg)
+    fused = (_fused_copy(base, tmp_path / "b"), _fused_copy(sft, tmp_path / "s"))
+    for pair in ((base, sft), fused):
+        result = weight_diff(*pair, progress=False)
+        got = {(r["metric"], r["layer"]): r["value"] for r in result.rows}
+        for key, value in want_layers.items():
+            assert got[key] == pytest.approx(value, rel=1e-6), key
+        got_experts = {(r["layer"], r["expert"], r["metric"]): r["value"] for r in result.experts}
+        assert got_experts.keys() == want_experts.keys()
+        for key, value in want_experts.items():
+            assert got_experts[key] == pytest.approx(value, rel=1e-6), key
+        assert {r["model"] for r in result.experts} == {"pair"}
+        # MoE layers have no dense gate/up/down rows (those are per expert); every row finite
+        moe = set(surgery.moe_layers(cfg))
+        assert not [k for k in got if k[0] in ("dw_gate", "dw_up", "dw_down") and k[1] in moe]
+        assert all(math.isfinite(v) for v in got.values() if not isinstance(v, str))
+    if model_type == "qwen2_moe":  # layer 1 keeps a dense MLP: rows as for Qwen2
+        assert 1 not in surgery.moe_layers(cfg)
+        a, b = _state(base), _state(sft)
+        keys = [f"model.layers.1.mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+        d, _ = _fro_sq([a[k] for k in keys], [b[k] for k in keys])
+        assert got[("dw_mlp", 1)] == pytest.approx(math.sqrt(d), rel=1e-6)
+        assert ("dw_router", 1) not in got and ("dw_gate", 1) in got
+
+
+def test_expert_index_is_never_read_as_a_layer_index():
+    spec = surgery.arch_spec_of("mixtral")
+    role = surgery.classify_param(spec, "model.layers.2.block_sparse_moe.experts.3.w3.weight")
+    assert (role.layer, role.expert, role.proj, role.group) == (2, 3, "expert_up", "mlp")
+    role = surgery.classify_param(
+        surgery.arch_spec_of("qwen2_moe"), "base_model.model.model.layers.0.mlp.experts.7.down_proj.weight"
+    )
+    assert (role.layer, role.expert, role.proj) == (0, 7, "expert_down")
+    fused = surgery.classify_param(spec, "model.layers.1.mlp.experts.gate_up_proj")
+    assert (fused.layer, fused.expert, fused.proj) == (1, None, "experts_gate_up")
+
+
+def test_split_experts_follows_the_experts_forward():
+    """gate/up rows of experts.gate_up_proj[e] are what MixtralExperts.forward multiplies."""
+    model = _model("mixtral")
+    experts = model.model.layers[0].mlp.experts
+    x = torch.randn(5, 32)
+    parts = surgery.split_experts("experts_gate_up", experts.gate_up_proj.detach())
+    down = surgery.split_experts("experts_down", experts.down_proj.detach())["down"]
+    e = 2
+    gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+    want = torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+    got = (experts.act_fn(x @ parts["gate"][e].T) * (x @ parts["up"][e].T)) @ down[e].T
+    torch.testing.assert_close(got, want.detach())
+
+
+def test_weights_command_writes_experts_csv(moe_pairs, tmp_path):
+    from sftlens import api
+
+    base, sft = moe_pairs["qwen2_moe"]
+    run = api.weights(str(base), str(sft), out=str(tmp_path / "run"), progress=False)
+    with open(run / "experts.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["model", "layer", "expert", "metric", "value"]
+    # layers 0 and 2 route (layer 1 is dense), 4 experts, 4 metrics with _rel
+    assert len(rows) == 2 * 4 * 8
+    assert {r["layer"] for r in rows} == {"0", "2"}
+    assert {r["metric"] for r in rows} == {
+        f"dw_{p}{s}" for p in ("gate", "up", "down", "expert") for s in ("", "_rel")
+    }
+    metrics = {r["metric"] for r in csv.DictReader(open(run / "metrics.csv"))}
+    assert {"dw_router", "dw_experts", "dw_shared_expert", "dw_mlp"} <= metrics
+    assert json.loads((run / "config.json").read_text())["steps"]["weights"]
