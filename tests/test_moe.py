@@ -168,7 +168,8 @@ def test_expert_index_is_never_read_as_a_layer_index():
     role = surgery.classify_param(spec, "model.layers.2.block_sparse_moe.experts.3.w3.weight")
     assert (role.layer, role.expert, role.proj, role.group) == (2, 3, "expert_up", "mlp")
     role = surgery.classify_param(
-        surgery.arch_spec_of("qwen2_moe"), "base_model.model.model.layers.0.mlp.experts.7.down_proj.weight"
+        surgery.arch_spec_of("qwen2_moe"),
+        "base_model.model.model.layers.0.mlp.experts.7.down_proj.weight",
     )
     assert (role.layer, role.expert, role.proj) == (0, 7, "expert_down")
     fused = surgery.classify_param(spec, "model.layers.1.mlp.experts.gate_up_proj")
@@ -206,3 +207,154 @@ def test_weights_command_writes_experts_csv(moe_pairs, tmp_path):
     metrics = {r["metric"] for r in csv.DictReader(open(run / "metrics.csv"))}
     assert {"dw_router", "dw_experts", "dw_shared_expert", "dw_mlp"} <= metrics
     assert json.loads((run / "config.json").read_text())["steps"]["weights"]
+
+
+# -- routing shift (analyze) ----------------------------------------------------------------------
+
+TEXTS = [
+    "Question: how many 3 + 4 ? Answer: 7 #### 7",
+    "a 1",
+    "Question: 1 2 3 4 5 6 7 8 9 0 1 2 3 Answer: 4 #### 4",
+    "the 2 * 5 is ? 10",
+]
+
+
+def _independent_routing(base, sft, tok, cfg) -> tuple[dict, dict]:
+    """route_js / route_load_tv per MoE layer and loads per (model, layer, expert), from the
+    models' own ``output_router_logits``, one unpadded prompt at a time, numpy/scipy float64."""
+    from scipy.spatial.distance import jensenshannon
+
+    k = cfg.num_experts_per_tok
+    layers = surgery.moe_layers(cfg)
+    js: dict[int, list[float]] = {layer: [] for layer in layers}
+    counts = {(m, layer): np.zeros(4) for m in ("base", "sft") for layer in layers}
+    for text in TEXTS:
+        ids = torch.tensor([tok(text)["input_ids"]])
+        probs = {}
+        for m, model in (("base", base), ("sft", sft)):
+            with torch.no_grad():
+                out = model(input_ids=ids, output_router_logits=True)
+            assert len(out.router_logits) == len(layers)  # one per MoE layer, in order
+            for layer, logits in zip(layers, out.router_logits, strict=True):
+                z = logits.double().numpy()
+                p = np.exp(z - z.max(-1, keepdims=True))
+                probs[(m, layer)] = p / p.sum(-1, keepdims=True)
+                for row in probs[(m, layer)]:
+                    counts[(m, layer)][np.argsort(-row)[:k]] += 1
+        for layer in layers:
+            js[layer] += [
+                jensenshannon(p, q) ** 2
+                for p, q in zip(probs[("base", layer)], probs[("sft", layer)], strict=True)
+            ]
+    pair, loads = {}, {}
+    for layer in layers:
+        pair[("route_js", layer)] = float(np.mean(js[layer]))
+        lb, ls = (counts[(m, layer)] / counts[(m, layer)].sum() for m in ("base", "sft"))
+        pair[("route_load_tv", layer)] = 0.5 * float(np.abs(lb - ls).sum())
+        for e in range(4):
+            loads[("base", layer, e)], loads[("sft", layer, e)] = lb[e], ls[e]
+    return pair, loads
+
+
+def _pass_tables(acc) -> tuple[dict, dict]:
+    rows, _ = acc.rows()
+    pair = {(r["metric"], r["layer"]): r["value"] for r in rows if r["metric"].startswith("route")}
+    loads = {(r["model"], r["layer"], r["expert"]): r["value"] for r in acc.expert_rows()}
+    return pair, loads
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_route_js_and_loads_match_scipy_with_padding_masked(moe_pairs, model_type):
+    from sftlens.models.loading import load_model
+    from sftlens.representations import run_pass
+
+    base_dir, sft_dir = moe_pairs[model_type]
+    base, tok = load_model(base_dir)
+    sft, _ = load_model(sft_dir)
+    want_pair, want_loads = _independent_routing(base, sft, tok, base.config)
+    assert want_pair[("route_js", surgery.moe_layers(base.config)[0])] > 1e-4  # SFT reroutes
+    for side in ("left", "right"):  # 3 of 4 prompts padded, on either side
+        acc = run_pass(
+            base,
+            sft,
+            tok,
+            TEXTS,
+            batch_size=4,
+            max_length=64,
+            padding_side=side,
+            attention=False,
+            progress=False,
+        )
+        pair, loads = _pass_tables(acc)
+        assert pair.keys() == want_pair.keys() and loads.keys() == want_loads.keys()
+        for key, value in {**pair, **loads}.items():
+            want = {**want_pair, **want_loads}[key]
+            assert value == pytest.approx(want, rel=1e-5, abs=1e-9), (side, key)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe"])
+def test_a_model_against_itself_routes_identically(moe_pairs, model_type):
+    from sftlens.models.loading import load_model
+    from sftlens.representations import run_pass
+
+    base, tok = load_model(moe_pairs[model_type][0])
+    acc = run_pass(
+        base, base, tok, TEXTS, batch_size=3, max_length=64, attention=False, progress=False
+    )
+    pair, loads = _pass_tables(acc)
+    assert pair and all(v == 0.0 for v in pair.values())  # exactly
+    assert {layer for _, layer in pair} == {0, 2}  # layer 1 is dense: no routing rows
+    assert all(loads[("base", *k[1:])] == loads[("sft", *k[1:])] for k in loads)
+
+
+def test_analyze_in_memory_and_layer_major_agree_and_share_experts_csv(moe_pairs, tmp_path):
+    from sftlens import api
+
+    base, sft = moe_pairs["olmoe"]
+    opts = dict(data="synthetic", max_prompts=6, batch_size=3, max_length=48, progress=False)
+
+    def tables(out: Path) -> tuple[dict, dict]:
+        with open(out / "metrics.csv", newline="") as f:
+            metrics = {(r["model"], r["layer"], r["metric"]): r["value"] for r in csv.DictReader(f)}
+        with open(out / "experts.csv", newline="") as f:
+            experts = {
+                (r["model"], r["layer"], r["expert"], r["metric"]): r["value"]
+                for r in csv.DictReader(f)
+            }
+        return metrics, experts
+
+    api.weights(str(base), str(sft), out=str(tmp_path / "a"), progress=False)
+    mem = tables(api.analyze(str(base), str(sft), out=str(tmp_path / "a"), **opts))
+    stream = tables(
+        api.analyze(str(base), str(sft), out=str(tmp_path / "b"), stream_layers=True, **opts)
+    )
+    route = {k: v for k, v in mem[0].items() if k[2].startswith("route")}
+    assert len(route) == 2 * 3 and {k[0] for k in route} == {"pair"}
+    for key, value in route.items():
+        assert float(stream[0][key]) == pytest.approx(float(value), rel=1e-6), key
+    loads = {k: v for k, v in mem[1].items() if k[3] == "route_load"}
+    assert len(loads) == 2 * 3 * 4  # base and sft, 3 layers, 4 experts
+    for key, value in loads.items():
+        assert float(stream[1][key]) == pytest.approx(float(value), rel=1e-9), key
+    # analyze kept the weights command's per-expert rows in the shared experts.csv
+    assert any(k[3] == "dw_expert" for k in mem[1])
+
+
+def test_a_router_that_cannot_be_hooked_is_a_one_line_error():
+    from sftlens.capture import Batch, record_routers, router_logits
+
+    model = _model("olmoe")
+    spec = surgery.arch_spec(model)
+    block = model.model.layers[0]
+    del block.mlp.gate
+    with pytest.raises(SftlensError, match="block 0 has no router at 'mlp.gate'") as err:
+        with record_routers(spec, {0: block}):
+            pass
+    assert "\n" not in str(err.value)
+    ids = torch.ones(1, 3, dtype=torch.long)
+    batch = Batch(ids, ids, ids, [0])
+    with pytest.raises(SftlensError, match="the router of layer 1 did not run"):
+        router_logits({}, [1], batch)
+    with pytest.raises(SftlensError, match="gpt2 has no router"):
+        with record_routers(surgery.arch_spec_of("gpt2"), {0: block}):
+            pass

@@ -184,7 +184,10 @@ def weight_diff(
                 group = [*keys, (layer, "experts"), (layer, "mlp")]
                 for part in pa:
                     for e in range(pa[part].shape[0]):
-                        d, n = frobenius_sq_diff(pa[part][e], pb[part][e]), frobenius_sq(pa[part][e])
+                        d, n = (
+                            frobenius_sq_diff(pa[part][e], pb[part][e]),
+                            frobenius_sq(pa[part][e]),
+                        )
                         sums.add_sq(group, d, n)
                         per_expert.add_sq([(layer, e, part), (layer, e, "expert")], d, n)
                 continue
@@ -192,7 +195,9 @@ def weight_diff(
                 part = role.proj.removeprefix("expert_")
                 d, n = _streamed_sq(rb, rs, name, sa[0], device)
                 sums.add_sq([*keys, (layer, "experts"), (layer, "mlp")], d, n)
-                per_expert.add_sq([(layer, role.expert, part), (layer, role.expert, "expert")], d, n)
+                per_expert.add_sq(
+                    [(layer, role.expert, part), (layer, role.expert, "expert")], d, n
+                )
                 continue
             elif role.proj == "router":
                 keys += [(layer, "router"), (layer, "mlp")]
@@ -223,9 +228,18 @@ def _expert_rows(sums: _Sums) -> list[Row]:
     order = (*surgery.EXPERT_PARTS, "expert")
     for layer, expert, part in sorted(sums.diff, key=lambda k: (k[0], k[1], order.index(k[2]))):
         d, n = sums.diff[(layer, expert, part)], sums.base[(layer, expert, part)]
-        for metric, value in ((f"dw_{part}", math.sqrt(d)), (f"dw_{part}_rel", relative_change(d, n))):
+        for metric, value in (
+            (f"dw_{part}", math.sqrt(d)),
+            (f"dw_{part}_rel", relative_change(d, n)),
+        ):
             rows.append(
-                {"model": "pair", "layer": layer, "expert": expert, "metric": metric, "value": value}
+                {
+                    "model": "pair",
+                    "layer": layer,
+                    "expert": expert,
+                    "metric": metric,
+                    "value": value,
+                }
             )
     return rows
 

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from sftlens.errors import SftlensError
 
+
 def _real(logits: Tensor, mask: Tensor | None) -> Tensor:
     """The real tokens' logits as (N, E) float64."""
     if logits.dim() == 3:
