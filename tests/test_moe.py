@@ -204,7 +204,8 @@ def test_weights_command_writes_experts_csv(moe_pairs, tmp_path):
     assert {r["metric"] for r in rows} == {
         f"dw_{p}{s}" for p in ("gate", "up", "down", "expert") for s in ("", "_rel")
     }
-    metrics = {r["metric"] for r in csv.DictReader(open(run / "metrics.csv"))}
+    with open(run / "metrics.csv", newline="") as f:
+        metrics = {r["metric"] for r in csv.DictReader(f)}
     assert {"dw_router", "dw_experts", "dw_shared_expert", "dw_mlp"} <= metrics
     assert json.loads((run / "config.json").read_text())["steps"]["weights"]
 
@@ -338,6 +339,10 @@ def test_analyze_in_memory_and_layer_major_agree_and_share_experts_csv(moe_pairs
         assert float(stream[1][key]) == pytest.approx(float(value), rel=1e-9), key
     # analyze kept the weights command's per-expert rows in the shared experts.csv
     assert any(k[3] == "dw_expert" for k in mem[1])
+    # the report shows the routing shift and the router's weight change per layer
+    report = (tmp_path / "a" / "report.html").read_text()
+    assert "route_js" in report and "dw_router" in report
+    assert (tmp_path / "a" / "plots" / "routing.png").is_file()
 
 
 def test_a_router_that_cannot_be_hooked_is_a_one_line_error():
@@ -347,14 +352,37 @@ def test_a_router_that_cannot_be_hooked_is_a_one_line_error():
     spec = surgery.arch_spec(model)
     block = model.model.layers[0]
     del block.mlp.gate
-    with pytest.raises(SftlensError, match="block 0 has no router at 'mlp.gate'") as err:
-        with record_routers(spec, {0: block}):
-            pass
+    with (
+        pytest.raises(SftlensError, match="block 0 has no router at 'mlp.gate'") as err,
+        record_routers(spec, {0: block}),
+    ):
+        pass
     assert "\n" not in str(err.value)
     ids = torch.ones(1, 3, dtype=torch.long)
     batch = Batch(ids, ids, ids, [0])
     with pytest.raises(SftlensError, match="the router of layer 1 did not run"):
         router_logits({}, [1], batch)
-    with pytest.raises(SftlensError, match="gpt2 has no router"):
-        with record_routers(surgery.arch_spec_of("gpt2"), {0: block}):
-            pass
+    with (
+        pytest.raises(SftlensError, match="gpt2 has no router"),
+        record_routers(surgery.arch_spec_of("gpt2"), {0: block}),
+    ):
+        pass
+
+
+# -- tune: LoRA on MoE models -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_lora_targets_attention_of_the_planned_layers_and_refuses_expert_mlps(model_type):
+    from sftlens.config import TuneConfig
+    from sftlens.tuning import lora
+
+    model = _model(model_type)
+    plan = lora.plan_lora(model, [2], TuneConfig(model="m", targets="attn"))
+    peft_model = lora.apply_lora(model, plan)  # checks: exactly q,k,v,o of layer 2 adapted
+    adapted = {n.split(".lora_")[0] for n, _ in peft_model.named_parameters() if "lora_" in n}
+    assert adapted == {f"base_model.model.model.layers.2.self_attn.{p}_proj" for p in "qkvo"}
+    for targets in ("attn+mlp", "mlp") + (("q,gate",) if model_type == "qwen2_moe" else ()):
+        with pytest.raises(SftlensError, match="mixtures of experts .* pass --targets attn") as err:
+            lora.plan_lora(_model(model_type), [2], TuneConfig(model="m", targets=targets))
+        assert "\n" not in str(err.value)

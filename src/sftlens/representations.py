@@ -300,9 +300,9 @@ class RepresentationPass:
                     for h, v in enumerate(values)
                 ]
         for layer, r in self.routing.items():
-            stats = r.compute()
+            route = r.compute()
             rows += [
-                {"model": "pair", "layer": layer, "metric": m, "value": stats[m]}
+                {"model": "pair", "layer": layer, "metric": m, "value": float(route[m])}
                 for m in ("route_js", "route_load_tv")
             ]
         return rows, heads
@@ -312,9 +312,9 @@ class RepresentationPass:
         of the layer's top-k assignments it received) for the routing layers kept."""
         out: list[Row] = []
         for layer, r in self.routing.items():
-            stats = r.compute()
+            route = r.compute()
             for model in ("base", "sft"):
-                loads = stats[f"load_{model}"]
+                loads = route[f"load_{model}"]
                 out += [
                     {
                         "model": model,

@@ -479,7 +479,7 @@ def stream_pass(
                 batch = batch.to(device)
                 out, attn, logits = {}, {}, {}
                 for m in MODELS:
-                    blocks = {lay: skel[m].blocks[lay] for lay in routed}
+                    blocks = {layer: skel[m].blocks[layer]} if routed else {}
                     with record_routers(skel[m].spec, blocks) as recorded:
                         out[m], attn[m] = skel[m].run_block(
                             layer, store.get(i, m, device), calls[m][i][layer], attention=want_attn
@@ -491,7 +491,11 @@ def stream_pass(
                         batch,
                         {layer: (out["base"], out["sft"])},
                         {layer: (attn["base"], attn["sft"])} if want_attn else None,  # type: ignore[dict-item]
-                        {lay: (logits["base"][lay], logits["sft"][lay]) for lay in routed},
+                        **(
+                            {"routes": {layer: (logits["base"][layer], logits["sft"][layer])}}
+                            if routed
+                            else {}
+                        ),
                     )
                 bar.update()
             for m in MODELS:
