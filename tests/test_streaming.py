@@ -23,7 +23,7 @@ from sftlens.config import AnalyzeConfig
 from sftlens.errors import SftlensError
 from sftlens.models.checkpoint import CheckpointReader
 from sftlens.models.loading import load_model
-from sftlens.representations import RepresentationPass, pass_batches, run_pass
+from sftlens.representations import RepresentationPass, moe_settings, pass_batches, run_pass
 from sftlens.streaming import stream_pass
 from tiny_models import perturb_all, save_model, tiny_config
 
@@ -49,6 +49,9 @@ FAMILIES = [
     "phi3",
     "gpt2",
     "gpt_neox",
+    "mixtral",
+    "qwen2_moe",
+    "olmoe",
 ]
 
 
@@ -92,10 +95,14 @@ def test_layer_major_pass_equals_in_memory_pass(model_type, tmp_path):
 
     def make_pass(keep):
         return RepresentationPass(
-            num_layers=layers, hidden=ref.hidden, num_heads=ref.num_heads, keep=keep
+            num_layers=layers,
+            hidden=ref.hidden,
+            num_heads=ref.num_heads,
+            keep=keep,
+            **moe_settings(base.config),  # MoE families: routing rows too
         )
 
-    rows, heads = stream_pass(
+    rows, heads, experts = stream_pass(
         base_dir,
         sft_dir,
         batches,
@@ -106,6 +113,11 @@ def test_layer_major_pass_equals_in_memory_pass(model_type, tmp_path):
     )
     _assert_same(_table(rows), _table(want_rows))
     _assert_same(_heads(heads), _heads(want_heads))
+    _assert_same(_experts(experts), _experts(ref.expert_rows()))
+
+
+def _experts(rows) -> dict:
+    return {(r["model"], r["layer"], r["expert"], r["metric"]): r["value"] for r in rows}
 
 
 def test_weights_are_read_once_per_run_not_once_per_batch(tiny_pair, monkeypatch):
@@ -146,7 +158,7 @@ def test_subset_of_layers_stops_before_the_blocks_it_does_not_need(tiny_pair, mo
     loaded: list[int] = []
     real = Skeleton.load_block
     monkeypatch.setattr(Skeleton, "load_block", lambda s, i: (loaded.append(i), real(s, i)))
-    rows, _ = stream_pass(
+    rows, _, _ = stream_pass(
         base_dir,
         sft_dir,
         pass_batches(tok, TEXTS, batch_size=3, max_length=64),

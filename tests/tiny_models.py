@@ -92,7 +92,9 @@ def tiny_config(model_type: str, **overrides: object):
     ``phi3`` (fused ``qkv_proj`` with grouped-query sizes and fused ``gate_up_proj``),
     ``qwen2`` (q/k/v biases, grouped-query attention), and the Llama-shaped families
     ``llama mistral gemma qwen3 gemma2 gemma3_text olmo olmo2 olmo3`` (Gemma 2/3 and OLMo 3
-    with a sliding window of 4 tokens, shorter than the test prompts).
+    with a sliding window of 4 tokens, shorter than the test prompts), and the
+    mixture-of-experts families ``mixtral olmoe qwen2_moe`` (4 experts, top-2; Qwen2-MoE with
+    a shared expert and a dense MLP in layer 1).
     """
     import transformers as tf
 
@@ -171,6 +173,24 @@ def tiny_config(model_type: str, **overrides: object):
                     llama_like,
                     sliding_window=4,
                     layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                ),
+            ),
+        }
+    )
+    moe = dict(llama_like, intermediate_size=24, num_experts_per_tok=2)
+    defaults.update(
+        {
+            "mixtral": (tf.MixtralConfig, dict(moe, num_local_experts=4, sliding_window=None)),
+            "olmoe": (tf.OlmoeConfig, dict(moe, num_experts=4)),
+            "qwen2_moe": (
+                tf.Qwen2MoeConfig,
+                dict(
+                    moe,
+                    intermediate_size=40,  # the dense MLP of layer 1
+                    moe_intermediate_size=24,
+                    shared_expert_intermediate_size=48,
+                    num_experts=4,
+                    mlp_only_layers=[1],
                 ),
             ),
         }

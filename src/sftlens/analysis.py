@@ -214,7 +214,14 @@ def run_analyze(cfg: AnalyzeConfig, run: RunFolder | None = None) -> Path:
 
     from sftlens import representations, streaming
     from sftlens.distributed import init_from_env, is_main
-    from sftlens.io import atomic_write_json, config_hash, read_json, write_rows_csv
+    from sftlens.io import (
+        EXPERTS_COLUMNS,
+        atomic_write_json,
+        config_hash,
+        read_json,
+        update_rows_csv,
+        write_rows_csv,
+    )
     from sftlens.models.checkpoint import CheckpointReader
     from sftlens.models.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
     from sftlens.models.pair import check_pair
@@ -263,13 +270,17 @@ def run_analyze(cfg: AnalyzeConfig, run: RunFolder | None = None) -> Path:
             return config_pass(cfg, info.num_layers, info.hidden_size, config, layers)
 
         if plan.stream:
-            rows, heads = _stream(plan, batches, make_pass)
+            rows, heads, experts = _stream(plan, batches, make_pass)
         else:
-            rows, heads = _in_memory(make_pass)
+            rows, heads, experts = _in_memory(make_pass)
         if is_main():
             write_rows_csv(
                 run.path / "heads.csv", heads, ("model", "layer", "head", "metric", "value")
             )
+            if experts or (run.path / "experts.csv").is_file():  # weights' rows are kept
+                update_rows_csv(
+                    run.path / "experts.csv", experts, EXPERTS_COLUMNS, replace={"route_load"}
+                )
             run.write_summary(
                 {
                     "pair": dataclasses.asdict(info),
@@ -280,7 +291,7 @@ def run_analyze(cfg: AnalyzeConfig, run: RunFolder | None = None) -> Path:
 
     def _stream(
         plan: Plan, batches: list[Any], make_pass: Any
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
         saved_file = run.path / LAYER_ROWS
         saved: dict[str, Any] = {}
         if world == 1 and saved_file.is_file():
@@ -294,18 +305,25 @@ def run_analyze(cfg: AnalyzeConfig, run: RunFolder | None = None) -> Path:
         if done:
             log.info("analyze: %d finished layers kept from the interrupted run", len(done))
 
-        def on_layer(layer: int, rows: list[dict[str, Any]], heads: list[dict[str, Any]]) -> None:
+        def on_layer(
+            layer: int,
+            rows: list[dict[str, Any]],
+            heads: list[dict[str, Any]],
+            experts: list[dict[str, Any]],
+        ) -> None:
             if world == 1:
-                saved[str(layer)] = {"rows": rows, "heads": heads}
+                saved[str(layer)] = {"rows": rows, "heads": heads, "experts": experts}
                 atomic_write_json(saved_file, {"key": key, "layers": saved})
 
         rows: list[dict[str, Any]] = []
         heads: list[dict[str, Any]] = []
+        experts: list[dict[str, Any]] = []
         for layer in sorted(done):
             rows += saved[str(layer)]["rows"]
             heads += saved[str(layer)]["heads"]
+            experts += saved[str(layer)].get("experts", [])
         if set(keep) - done:
-            new_rows, new_heads = streaming.stream_pass(
+            new_rows, new_heads, new_experts = streaming.stream_pass(
                 base_dir,
                 sft_dir,
                 batches,
@@ -323,10 +341,13 @@ def run_analyze(cfg: AnalyzeConfig, run: RunFolder | None = None) -> Path:
             )
             rows += new_rows
             heads += new_heads
+            experts += new_experts
         saved_file.unlink(missing_ok=True)
-        return rows, heads
+        return rows, heads, experts
 
-    def _in_memory(make_pass: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def _in_memory(
+        make_pass: Any,
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
         attn = "eager" if cfg.attention else None
         base, tok = load_model(
             base_dir, dtype=cfg.dtype, device=cfg.device, attn_implementation=attn
@@ -375,7 +396,7 @@ def run_analyze(cfg: AnalyzeConfig, run: RunFolder | None = None) -> Path:
         acc.all_reduce_()
         rows, heads = acc.rows()
         state_file.unlink(missing_ok=True)
-        return rows, heads
+        return rows, heads, acc.expert_rows()
 
     rows = run.step("analyze", inputs, compute, write=is_main())
     if is_main():
@@ -468,6 +489,7 @@ def config_pass(
         pooling=cfg.pooling,
         attention=cfg.attention,
         keep=keep,
+        **(representations.moe_settings(config) if cfg.routing else {}),
     )
     acc.to_(resolve_device(cfg.device))
     return acc

@@ -62,6 +62,7 @@ def weights(base: str, sft: str, **options: Any) -> Path:
 
 
 def run_weights(cfg: WeightsConfig, run: RunFolder | None = None) -> Path:
+    from sftlens.io import EXPERTS_COLUMNS, update_rows_csv
     from sftlens.reporting.plots import plot_weights
     from sftlens.weight_diff import weight_diff
 
@@ -77,6 +78,13 @@ def run_weights(cfg: WeightsConfig, run: RunFolder | None = None) -> Path:
 
     def compute() -> list[dict[str, Any]]:
         result = weight_diff(base_dir, sft_dir, progress=cfg.progress, device=cfg.device)
+        if result.experts:  # per-expert distances of a mixture-of-experts pair
+            update_rows_csv(
+                run.path / "experts.csv",
+                result.experts,
+                EXPERTS_COLUMNS,
+                replace={r["metric"] for r in result.experts},
+            )
         run.write_summary(
             {"pair": dataclasses.asdict(result.info), "weights": _weights_summary(result.rows)}
         )

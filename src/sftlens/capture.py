@@ -5,13 +5,15 @@ pre-hook on block 0 for the embeddings, a forward hook on every block), so the l
 never dropped and the final norm is never applied (unlike ``output_hidden_states``, whose last
 entry is usually post-norm). The model runs without its LM head (``surgery.get_body``).
 Padding is handled here once: explicit ``position_ids`` from the attention mask make left and
-right padding give the same states for the real tokens.
+right padding give the same states for the real tokens. :func:`record_routers` adds the router
+logits of mixture-of-experts blocks (a hook on each block's router) to any forward.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,3 +150,58 @@ def capture(
                 "or pass --no-attention"
             )
     return [states[i] for i in range(-1, len(blocks))], attn
+
+
+@contextmanager
+def record_routers(
+    spec: surgery.ArchSpec, blocks: Mapping[int, nn.Module]
+) -> Iterator[dict[int, torch.Tensor]]:
+    """Hook the router of each block ``{layer: block}`` while the block runs; yields a dict
+    that the forward fills with ``{layer: router logits (tokens, experts)}`` (the first output
+    of the router module: Mixtral / Qwen2-MoE / OLMoE routers return ``(logits, scores,
+    indices)``). Hooks are removed on exit. Check with :func:`router_logits`.
+    """
+    if spec.router is None and blocks:
+        raise SftlensError(
+            f"{'/'.join(spec.model_types)} has no router: routing metrics need a "
+            "mixture-of-experts model"
+        )
+    logits: dict[int, torch.Tensor] = {}
+    handles = []
+    try:
+        for layer, block in blocks.items():
+            try:
+                router = block.get_submodule(spec.router or "")
+            except AttributeError:
+                raise SftlensError(
+                    f"block {layer} has no router at '{spec.router}', so its routing cannot be "
+                    "recorded; pass --no-routing or report this model type"
+                ) from None
+            handles.append(
+                router.register_forward_hook(
+                    lambda m, i, o, layer=layer: logits.__setitem__(layer, output_tensor(o))
+                )
+            )
+        yield logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def router_logits(
+    logits: Mapping[int, torch.Tensor], layers: Sequence[int], batch: Batch
+) -> dict[int, torch.Tensor]:
+    """The recorded router logits of ``layers`` as (B, T, E), one row per token of ``batch``;
+    a router that did not run, or saw other tokens, is a one-line error."""
+    shape = tuple(batch.attention_mask.shape)
+    out: dict[int, torch.Tensor] = {}
+    for layer in layers:
+        got = logits.get(layer)
+        if got is None or got.dim() < 2 or got.numel() // got.shape[-1] != shape[0] * shape[1]:
+            what = "did not run" if got is None else f"gave logits of shape {tuple(got.shape)}"
+            raise SftlensError(
+                f"the router of layer {layer} {what} for a batch of {shape[0]}x{shape[1]} "
+                "tokens; pass --no-routing or report this model type"
+            )
+        out[layer] = got.reshape(*shape, got.shape[-1])
+    return out

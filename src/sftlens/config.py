@@ -366,6 +366,11 @@ class AnalyzeConfig:
     attention: bool = arg(
         True, help="attention entropy and base-vs-SFT JS divergence (eager attention)"
     )
+    routing: bool = arg(
+        True,
+        help="mixture-of-experts models: routing shift (route_js) and expert loads per layer "
+        "(experts.csv); no effect on dense models",
+    )
     dtype: str = arg(
         "auto",
         help="model dtype: 'auto' (bfloat16 on a GPU, float32 on CPU), float32, bfloat16, "
@@ -446,6 +451,7 @@ class TrajectoryConfig(AnalyzeConfig):
     sft: str = field(default="", init=False, repr=False)  # each checkpoint in turn
     stream_layers: bool | None = field(default=False, init=False, repr=False)  # in memory only
     activations: str = field(default="auto", init=False, repr=False)
+    routing: bool = field(default=False, init=False, repr=False)  # analyze only
     out: str = arg("runs/trajectory", help="run folder (trajectory.csv, plots, report.html)")
     max_memory: str = arg(
         "",

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 METRICS_COLUMNS = ("model", "layer", "metric", "value")
+#: ``experts.csv``: per-expert rows of mixture-of-experts models (weights and routing).
+EXPERTS_COLUMNS = ("model", "layer", "expert", "metric", "value")
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -124,6 +126,23 @@ def write_rows_csv(
             ]
         )
     return atomic_write_text(path, buf.getvalue())
+
+
+def update_rows_csv(
+    path: str | os.PathLike[str],
+    rows: Iterable[Mapping[str, Any]],
+    columns: tuple[str, ...],
+    replace: Iterable[str],
+) -> Path:
+    """Write ``rows`` into the CSV at ``path`` atomically, keeping the rows already there whose
+    metric is not in ``replace`` (two commands that share a file, e.g. ``experts.csv`` of
+    ``weights`` and ``analyze`` in one run folder, keep each other's rows)."""
+    drop = set(replace)
+    old: list[dict[str, Any]] = []
+    if Path(path).is_file():
+        with open(path, encoding="utf-8", newline="") as f:
+            old = [r for r in csv.DictReader(f) if r.get("metric") not in drop]
+    return write_rows_csv(path, [*old, *rows], columns)
 
 
 def read_metrics_csv(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

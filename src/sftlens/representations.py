@@ -11,11 +11,14 @@ Rows written (SPEC names): ``prompt_entropy dataset_entropy erank`` (+ ``_norm``
 cosine mean_shift mean_shift_rel attn_js`` for ``pair``. Beyond SPEC: ``cka_std`` (token CKA of
 z-scored features) for ``pair`` and ``top_feature_share`` for ``base``/``sft``, which show when
 a massive-activation dimension saturates ``cka``. Per-head attention values go to
-``heads.csv``.
+``heads.csv``. Mixture-of-experts layers (a pass built with ``experts``) add ``route_js`` and
+``route_load_tv`` for ``pair`` and each model's expert loads (``route_load`` per expert, for
+``experts.csv``), from the router logits both models give the same real tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,13 +28,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sftlens.capture import Batch, capture, make_batches, tokenize
+from sftlens.capture import Batch, capture, make_batches, record_routers, router_logits, tokenize
 from sftlens.errors import SftlensError
 from sftlens.metrics.accumulators import (
     AttentionStats,
     PairMoments,
     PooledRows,
     PromptEntropy,
+    RoutingStats,
     StreamingCKA,
 )
 from sftlens.models import surgery
@@ -58,6 +62,9 @@ class RepresentationPass:
     state grows with the layers kept, and each layer's rows equal a full pass's rows for it
     (``analyze --layers`` / ``--every``, and the layer-major streaming pass, which keeps one
     layer at a time). Layer ``-1`` is the embedding output; it has no attention metrics.
+    ``experts`` / ``top_k`` / ``moe_layers`` (a mixture-of-experts model) add the routing
+    accumulators of the kept layers among ``moe_layers``; :meth:`update` then needs both
+    models' router logits.
     """
 
     num_layers: int
@@ -68,8 +75,12 @@ class RepresentationPass:
     pooling: str = "mean"
     attention: bool = True
     keep: Sequence[int] | None = None
+    experts: int = 0
+    top_k: int = 0
+    moe_layers: Sequence[int] = ()
     layers: dict[int, LayerAccumulators] = field(init=False)
     attn: dict[int, AttentionStats] = field(init=False)
+    routing: dict[int, RoutingStats] = field(init=False)
     #: the sides whose per-model accumulators (prompt entropy, pooled rows) this pass feeds;
     #: a side it does not own shares another pass's accumulators (:meth:`share`)
     own: tuple[str, ...] = field(init=False, default=("base", "sft"))
@@ -96,6 +107,15 @@ class RepresentationPass:
             if self.attention
             else {}
         )
+        self.routing = (
+            {
+                layer: RoutingStats(self.experts, self.top_k)
+                for layer in kept
+                if layer in set(self.moe_layers)
+            }
+            if self.experts
+            else {}
+        )
 
     def share(self, side: str, other: RepresentationPass, other_side: str) -> None:
         """Read ``side``'s per-model accumulators from ``other``'s ``other_side`` (the same
@@ -117,9 +137,12 @@ class RepresentationPass:
         sft_states: Sequence[torch.Tensor],
         base_attn: Sequence[torch.Tensor] | None = None,
         sft_attn: Sequence[torch.Tensor] | None = None,
+        base_routes: Mapping[int, torch.Tensor] | None = None,
+        sft_routes: Mapping[int, torch.Tensor] | None = None,
     ) -> None:
         """Feed one batch given every layer's states ``[h_emb, h_0, ..., h_{L-1}]`` (and every
-        block's attentions) of both models, as :func:`sftlens.capture.capture` returns them;
+        block's attentions) of both models, as :func:`sftlens.capture.capture` returns them,
+        and ``{layer: router logits (B, T, E)}`` of both models for the MoE layers kept;
         only the layers kept are used."""
         if self.attention and (base_attn is None or sft_attn is None):
             raise SftlensError(
@@ -131,6 +154,9 @@ class RepresentationPass:
             {layer: (base_attn[layer], sft_attn[layer]) for layer in self.attn}  # type: ignore[index]
             if self.attention
             else None,
+            {layer: (base_routes[layer], sft_routes[layer]) for layer in self.routing}
+            if self.routing and base_routes is not None and sft_routes is not None
+            else None,
         )
 
     def update_layers(
@@ -138,9 +164,11 @@ class RepresentationPass:
         batch: Batch,
         states: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
         attn: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        routes: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         """Feed one batch given ``{layer: (h_base, h_sft)}`` (each (B, T, D)) for the layers
-        kept, and ``{layer: (a_base, a_sft)}`` (each (B, H, T, T)) when attention is on."""
+        kept, ``{layer: (a_base, a_sft)}`` (each (B, H, T, T)) when attention is on, and
+        ``{layer: (logits_base, logits_sft)}`` (each (B, T, E)) for the routing layers kept."""
         first = next(iter(states.values()))[0]
         mask = batch.attention_mask.bool().to(first.device)  # (B, T)
         lengths = mask.sum(-1)  # (B,)
@@ -169,6 +197,14 @@ class RepresentationPass:
                 )
             for layer, stats in self.attn.items():
                 stats.update(*attn[layer], key_mask=mask)
+        routed = [layer for layer in self.routing if layer in states]
+        if routed:
+            if routes is None or any(layer not in routes for layer in routed):
+                raise SftlensError(
+                    "routing metrics need both models' router logits; pass --no-routing"
+                )
+            for layer in routed:  # padding masked out: real tokens only
+                self.routing[layer].update(*routes[layer], mask=mask)
 
     def accumulators(self) -> dict[str, Any]:
         """Every accumulator by a stable name (for checkpointing and all-reduce)."""
@@ -181,6 +217,8 @@ class RepresentationPass:
                 out[f"{layer}.pooled.{m}"] = acc.pooled[m]
         for layer, a in self.attn.items():
             out[f"{layer}.attn"] = a
+        for layer, r in self.routing.items():
+            out[f"{layer}.routing"] = r
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -261,7 +299,33 @@ class RepresentationPass:
                     {"model": model, "layer": layer, "head": h, "metric": metric, "value": float(v)}
                     for h, v in enumerate(values)
                 ]
+        for layer, r in self.routing.items():
+            route = r.compute()
+            rows += [
+                {"model": "pair", "layer": layer, "metric": m, "value": float(route[m])}
+                for m in ("route_js", "route_load_tv")
+            ]
         return rows, heads
+
+    def expert_rows(self) -> list[Row]:
+        """``experts.csv`` rows: each model's load of each expert (``route_load``: the fraction
+        of the layer's top-k assignments it received) for the routing layers kept."""
+        out: list[Row] = []
+        for layer, r in self.routing.items():
+            route = r.compute()
+            for model in ("base", "sft"):
+                loads = route[f"load_{model}"]
+                out += [
+                    {
+                        "model": model,
+                        "layer": layer,
+                        "expert": e,
+                        "metric": "route_load",
+                        "value": float(v),
+                    }
+                    for e, v in enumerate(loads)  # type: ignore[arg-type]
+                ]
+        return out
 
 
 def _pool(rows: Tensor, lengths: Tensor, pooling: str) -> Tensor:
@@ -317,6 +381,7 @@ def run_pass(
     preset: str = "default",
     pooling: str = "mean",
     attention: bool = True,
+    routing: bool = True,
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
@@ -329,7 +394,8 @@ def run_pass(
     With ``world_size > 1`` each rank takes every ``world_size``-th batch; call
     :meth:`RepresentationPass.all_reduce_` afterwards. ``on_batch(i, state)`` is called after
     each batch (used to checkpoint), ``start_batch`` skips batches already accumulated. With a
-    ``state``, its settings (attention, alpha, preset, pooling) apply and the keywords are ignored.
+    ``state``, its settings (attention, routing, alpha, preset, pooling) apply and the keywords
+    are ignored. ``routing`` (a mixture-of-experts model) records both models' router logits.
     """
     if not texts:
         raise SftlensError("no prompts to analyse; check --data and --split")
@@ -342,8 +408,11 @@ def run_pass(
         preset=cast(Preset, preset),
         pooling=pooling,
         attention=attention,
+        **(moe_settings(config) if routing else {}),
     )
     attention = acc.attention  # a given state decides: its accumulators expect attentions or not
+    routed = sorted(acc.routing)
+    spec = surgery.arch_spec(config) if routed else None
     batches = pass_batches(
         tok,
         texts,
@@ -357,9 +426,38 @@ def run_pass(
     mine = [i for i in range(len(batches)) if i % world_size == rank and i >= start_batch]
     for i in tqdm(mine, desc="analyze", unit="batch", disable=not progress):
         batch = batches[i].to(device)
-        base_states, base_attn = capture(base, batch, attentions=attention)
-        sft_states, sft_attn = capture(sft, batch, attentions=attention)
-        acc.update(batch, base_states, sft_states, base_attn, sft_attn)
+        with record_routers_of(spec, base, routed) as base_logits:
+            base_states, base_attn = capture(base, batch, attentions=attention)
+        with record_routers_of(spec, sft, routed) as sft_logits:
+            sft_states, sft_attn = capture(sft, batch, attentions=attention)
+        routes = (
+            (router_logits(base_logits, routed, batch), router_logits(sft_logits, routed, batch))
+            if routed
+            else (None, None)
+        )
+        acc.update(batch, base_states, sft_states, base_attn, sft_attn, *routes)
         if on_batch is not None:
             on_batch(i, acc)
     return acc
+
+
+def moe_settings(config: Any) -> dict[str, Any]:
+    """``RepresentationPass`` keywords for the routing metrics of a mixture-of-experts config
+    (``experts``, ``top_k``, ``moe_layers``); empty for a dense model."""
+    layers = surgery.moe_layers(config)
+    if not layers:
+        return {}
+    return {
+        "experts": surgery.num_experts(config),
+        "top_k": surgery.top_k_experts(config),
+        "moe_layers": layers,
+    }
+
+
+def record_routers_of(spec: surgery.ArchSpec | None, model: Any, layers: Sequence[int]) -> Any:
+    """:func:`sftlens.capture.record_routers` on ``layers`` of ``model`` (a no-op context
+    yielding ``{}`` when no layer routes)."""
+    if not layers or spec is None:
+        return contextlib.nullcontext({})
+    blocks = surgery.get_blocks(model)
+    return record_routers(spec, {layer: blocks[layer] for layer in layers})

@@ -16,6 +16,10 @@ two whole models. This pass turns the loops around and walks the depth once:
    (once per run), every batch's activations go through it (``h_l = block_l(h_{l-1}, **kw_l)``,
    the raw block output, as :func:`sftlens.capture.capture` takes it), layer ``l``'s
    accumulators are fed, reduced over ranks, turned into rows, and freed with the block.
+   A mixture-of-experts block's router logits are recorded on the way
+   (:func:`sftlens.capture.record_routers`); its fused 3-D experts are assembled from the
+   per-expert tensors when the checkpoint stores one per expert
+   (:func:`sftlens.models.surgery.load_block_tensor`).
 
 Activations of all batches wait between blocks in memory, or in a scratch file in the run
 folder (:class:`ActivationStore`) when they do not fit. The results equal the in-memory pass's.
@@ -33,7 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sftlens.capture import Batch, output_tensor
+from sftlens.capture import Batch, output_tensor, record_routers, router_logits
 from sftlens.errors import SftlensError
 from sftlens.memory import format_bytes
 from sftlens.models import surgery
@@ -123,6 +127,7 @@ class Skeleton:
         self.block_list = surgery.get_blocks(model)
         self.blocks = list(self.block_list)
         self.bytes_read = 0
+        self.experts = surgery.num_experts(model.config) if self.spec.is_moe else 0
         # checkpoint key of each block tensor: (layer, name inside the block) -> key
         self._block_keys: dict[tuple[int, str], str] = {}
         for key in self.reader.keys():  # noqa: SIM118  (a reader, not a dict)
@@ -211,14 +216,19 @@ class Skeleton:
     def load_block(self, layer: int) -> None:
         """Read block ``layer``'s tensors from the shards into its (meta) parameters."""
         block = self.blocks[layer]
+
+        def find(inner: str) -> torch.Tensor | None:
+            key = self._block_keys.get((layer, inner))
+            return None if key is None else self.reader.get(key)
+
         for name, _ in list(block.named_parameters()):
-            key = self._block_keys.get((layer, name))
-            if key is None:
+            tensor = surgery.load_block_tensor(self.spec, name, find, self.experts)
+            if tensor is None:
                 raise SftlensError(
                     f"{self.reader.folder} has no tensor for block {layer}'s {name}; check "
                     "that the checkpoint is complete (re-copy or re-download it)"
                 )
-            self._set(block, name, self.reader.get(key))
+            self._set(block, name, tensor)
 
     def free_block(self, layer: int) -> None:
         for name, _ in list(self.blocks[layer].named_parameters()):
@@ -386,16 +396,16 @@ def stream_pass(
     rank: int = 0,
     world_size: int = 1,
     done: frozenset[int] = frozenset(),
-    on_layer: Callable[[int, list[Row], list[Row]], None] | None = None,
+    on_layer: Callable[[int, list[Row], list[Row], list[Row]], None] | None = None,
     progress: bool = True,
-) -> tuple[list[Row], list[Row]]:
-    """The layer-major pass over this rank's ``batches``; returns (metrics rows, heads rows)
-    of the layers in ``keep`` (``-1`` = embedding output) except those in ``done``.
+) -> tuple[list[Row], list[Row], list[Row]]:
+    """The layer-major pass over this rank's ``batches``; returns (metrics rows, heads rows,
+    experts rows) of the layers in ``keep`` (``-1`` = embedding output) except those in ``done``.
 
     ``make_pass(layers)`` builds the accumulators of one layer (a :class:`RepresentationPass`
     keeping ``layers``). Each layer's accumulators are all-reduced over ranks before its rows
     are computed, so every rank must call this with the same ``keep`` and ``done``.
-    ``on_layer(layer, rows, heads)`` is called after each layer (to persist it). With ``spill``
+    ``on_layer(layer, rows, heads, experts)`` is called after each layer (to persist it). With ``spill``
     the activations wait in that scratch file between blocks (removed at the end).
     """
     todo = sorted(set(keep) - set(done))
@@ -413,16 +423,19 @@ def stream_pass(
     calls: dict[str, list[list[Call]]] = {m: [] for m in MODELS}
     rows: list[Row] = []
     heads: list[Row] = []
+    experts: list[Row] = []
 
     def finish(layer: int, acc: RepresentationPass | None) -> None:
         if acc is None:
             return
         acc.all_reduce_()
         layer_rows, layer_heads = acc.rows()
+        layer_experts = acc.expert_rows()
         rows.extend(layer_rows)
         heads.extend(layer_heads)
+        experts.extend(layer_experts)
         if on_layer is not None:
-            on_layer(layer, layer_rows, layer_heads)
+            on_layer(layer, layer_rows, layer_heads, layer_experts)
 
     bar = tqdm(
         total=len(mine) * (max(todo, default=-1) + 2),
@@ -461,19 +474,28 @@ def stream_pass(
                 skel[m].load_block(layer)
             acc = make_pass([layer]) if layer in todo else None
             want_attn = attention and acc is not None
+            routed = [layer] if acc is not None and layer in acc.routing else []
             for i, batch in enumerate(mine):
                 batch = batch.to(device)
-                out, attn = {}, {}
+                out, attn, logits = {}, {}, {}
                 for m in MODELS:
-                    out[m], attn[m] = skel[m].run_block(
-                        layer, store.get(i, m, device), calls[m][i][layer], attention=want_attn
-                    )
+                    blocks = {layer: skel[m].blocks[layer]} if routed else {}
+                    with record_routers(skel[m].spec, blocks) as recorded:
+                        out[m], attn[m] = skel[m].run_block(
+                            layer, store.get(i, m, device), calls[m][i][layer], attention=want_attn
+                        )
+                    logits[m] = router_logits(recorded, routed, batch)
                     store.put(i, m, out[m])
                 if acc is not None:
                     acc.update_layers(
                         batch,
                         {layer: (out["base"], out["sft"])},
                         {layer: (attn["base"], attn["sft"])} if want_attn else None,  # type: ignore[dict-item]
+                        **(
+                            {"routes": {layer: (logits["base"][layer], logits["sft"][layer])}}
+                            if routed
+                            else {}
+                        ),
                     )
                 bar.update()
             for m in MODELS:
@@ -484,4 +506,4 @@ def stream_pass(
         store.close()
     read = sum(s.bytes_read for s in skel.values())
     log.info("layer-major pass read %s of weights (each tensor once)", format_bytes(read))
-    return rows, heads
+    return rows, heads, experts

@@ -14,6 +14,16 @@ largest tensor pair instead of two whole models. Rows use the metric names of SP
   ``dw_lm_head`` / ``dw_lm_head_rel`` (or ``lm_head_tied = 1``), ``dw_total`` / ``dw_total_rel``
   (every tensor, biases included), ``vocab_added``.
 
+Mixture-of-experts layers (Mixtral, Qwen2-MoE, OLMoE) have no ``dw_gate dw_up dw_down``; their
+``dw_mlp`` covers the router, every routed expert and the shared expert, with ``dw_router``
+(the router weight), ``dw_experts`` (all routed experts) and, for Qwen2-MoE,
+``dw_shared_expert`` (the shared expert's projections and its gate) beside it, each with
+``_rel``. Per expert, :attr:`WeightDiff.experts` holds ``dw_gate dw_up dw_down dw_expert`` (and
+``_rel``) by (layer, expert): ``experts.csv`` in the run folder. Experts stored fused
+(``experts.gate_up_proj`` ``[E, 2I, d]``) are sliced by the architecture's layout
+(:func:`sftlens.models.surgery.split_experts`); stored one tensor per expert, the expert index
+comes from the key, the layer index from the block path.
+
 Biases never enter a named projection or norm row; they count in ``dw_block`` and ``dw_total``.
 ``dw_embed`` covers every embedding table of the architecture: the token embeddings and, for
 GPT-2, the learned position embeddings (``wpe``).
@@ -23,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -43,16 +53,16 @@ Row = dict[str, Any]
 
 @dataclass
 class _Sums:
-    """Squared Frobenius norms, keyed by (layer, name)."""
+    """Squared Frobenius norms, keyed by (layer, name) (per expert: (layer, expert, name))."""
 
-    diff: dict[tuple[int | None, str], float] = field(default_factory=lambda: defaultdict(float))
-    base: dict[tuple[int | None, str], float] = field(default_factory=lambda: defaultdict(float))
+    diff: dict[Any, float] = field(default_factory=lambda: defaultdict(float))
+    base: dict[Any, float] = field(default_factory=lambda: defaultdict(float))
 
-    def add(self, keys: Iterable[tuple[int | None, str]], a: torch.Tensor, b: torch.Tensor) -> None:
+    def add(self, keys: Iterable[Hashable], a: torch.Tensor, b: torch.Tensor) -> None:
         """Compute both squared norms once and add them under every key."""
         self.add_sq(keys, frobenius_sq_diff(a, b), frobenius_sq(a))
 
-    def add_sq(self, keys: Iterable[tuple[int | None, str]], diff: float, base: float) -> None:
+    def add_sq(self, keys: Iterable[Hashable], diff: float, base: float) -> None:
         for key in keys:
             self.diff[key] += diff
             self.base[key] += base
@@ -82,6 +92,8 @@ def _streamed_sq(
 class WeightDiff:
     info: PairInfo
     rows: list[Row]
+    #: per-expert rows of MoE layers (``model layer expert metric value``; empty when dense)
+    experts: list[Row] = field(default_factory=list)
 
     def series(self, metric: str) -> list[float]:
         """Per-layer values of one metric, ordered by layer 0..L-1."""
@@ -124,6 +136,7 @@ def weight_diff(
     spec = surgery.arch_spec(config)
 
     sums = _Sums()
+    per_expert = _Sums()  # keyed (layer, expert, part)
     extra: dict[str, float] = {}
     missing = [k for k in rb.keys() if k not in rs]  # noqa: SIM118
     if missing:
@@ -165,6 +178,31 @@ def weight_diff(
                 pass
             elif role.group == "norm":
                 keys.append((layer, "norm"))
+            elif role.proj.startswith("experts_"):  # every expert in one 3-D tensor
+                pa = surgery.split_experts(role.proj, rb.get(name).to(device))
+                pb = surgery.split_experts(role.proj, rs.get(name).to(device))
+                group = [*keys, (layer, "experts"), (layer, "mlp")]
+                for part in pa:
+                    for e in range(pa[part].shape[0]):
+                        d, n = (
+                            frobenius_sq_diff(pa[part][e], pb[part][e]),
+                            frobenius_sq(pa[part][e]),
+                        )
+                        sums.add_sq(group, d, n)
+                        per_expert.add_sq([(layer, e, part), (layer, e, "expert")], d, n)
+                continue
+            elif role.expert is not None:  # one expert's gate, up or down
+                part = role.proj.removeprefix("expert_")
+                d, n = _streamed_sq(rb, rs, name, sa[0], device)
+                sums.add_sq([*keys, (layer, "experts"), (layer, "mlp")], d, n)
+                per_expert.add_sq(
+                    [(layer, role.expert, part), (layer, role.expert, "expert")], d, n
+                )
+                continue
+            elif role.proj == "router":
+                keys += [(layer, "router"), (layer, "mlp")]
+            elif role.proj.startswith("shared_"):
+                keys += [(layer, "shared_expert"), (layer, "mlp")]
             elif role.proj in ("qkv", "gate_up"):  # fused: split by the architecture's layout
                 pa = surgery.split_fused(
                     spec, config, role.proj, rb.get(name).to(device), role.kind
@@ -179,7 +217,31 @@ def weight_diff(
                 keys += [(layer, role.proj), (layer, role.group)]
             sums.add_sq(keys, *_streamed_sq(rb, rs, name, sa[0] if sa else 1, device))
     rows = _rows(sums, extra, info, tied="lm_head" not in {k for _, k in sums.diff})
-    return WeightDiff(info=info, rows=rows)
+    return WeightDiff(info=info, rows=rows, experts=_expert_rows(per_expert))
+
+
+def _expert_rows(sums: _Sums) -> list[Row]:
+    """``experts.csv`` rows: ``dw_gate dw_up dw_down dw_expert`` and ``_rel`` per (layer, expert)."""
+    from sftlens.models import surgery
+
+    rows: list[Row] = []
+    order = (*surgery.EXPERT_PARTS, "expert")
+    for layer, expert, part in sorted(sums.diff, key=lambda k: (k[0], k[1], order.index(k[2]))):
+        d, n = sums.diff[(layer, expert, part)], sums.base[(layer, expert, part)]
+        for metric, value in (
+            (f"dw_{part}", math.sqrt(d)),
+            (f"dw_{part}_rel", relative_change(d, n)),
+        ):
+            rows.append(
+                {
+                    "model": "pair",
+                    "layer": layer,
+                    "expert": expert,
+                    "metric": metric,
+                    "value": value,
+                }
+            )
+    return rows
 
 
 def _rows(sums: _Sums, extra: dict[str, float], info: PairInfo, tied: bool) -> list[Row]:

@@ -3,6 +3,7 @@
 GPT-2: LayerNorm ``ln_f`` with bias, tied head. Llama: RMSNorm, untied head. Gemma 3: RMSNorm
 stored as an offset (``1 + w``), embeddings scaled by ``sqrt(d)``, tied head, and final logit
 soft-capping (off by default in Gemma 3; switched on here, with a cap small enough to bite).
+Mixtral: a mixture-of-experts block (routed MLP) under a Llama-style readout.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable
 
 import transformers as tf
 
-from tiny_models import tiny_llama_config
+from tiny_models import tiny_config, tiny_llama_config
 
 VOCAB = 128
 
@@ -29,4 +30,5 @@ ARCH_CONFIGS: dict[str, Callable[[], object]] = {
         max_position_embeddings=64,
         final_logit_softcapping=0.1,
     ),
+    "mixtral": lambda: tiny_config("mixtral", vocab_size=VOCAB),
 }

@@ -19,7 +19,7 @@ from sftlens.errors import SftlensError
 from sftlens.experiments.edit import interpolate_blocks
 from tiny_models import save_model, tiny_llama_config
 
-ARCHS = ("llama", "gpt2", "gemma3")
+ARCHS = ("llama", "gpt2", "gemma3", "qwen2_moe")
 LAYERS = 4
 _BLOCK_KEY = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 
@@ -52,6 +52,10 @@ def tiny_config(arch: str, **kw):
             layer_types=["sliding_attention", "full_attention"] * (LAYERS // 2),
             **kw,
         )
+    if arch == "qwen2_moe":  # routed experts, a shared expert, a dense MLP in layer 1
+        from tiny_models import tiny_config as family_config
+
+        return family_config("qwen2_moe", num_hidden_layers=LAYERS, **kw)
     raise AssertionError(arch)
 
 

@@ -1,7 +1,8 @@
 """Pure metric functions (float64 reductions on torch tensors) and streaming accumulators.
 
 One module per family: :mod:`.information` (matrix entropy, effective rank), :mod:`.geometry`
-(CKA, cosine, mean shift), :mod:`.attention` (attention entropy, Jensen-Shannon) and
+(CKA, cosine, mean shift), :mod:`.attention` (attention entropy, Jensen-Shannon),
+:mod:`.routing` (mixture-of-experts routing shift and expert load) and
 :mod:`.accumulators` (streaming versions that reuse those functions). Nothing here imports
 models, transformers or the CLI.
 """
@@ -13,6 +14,7 @@ from sftlens.metrics.accumulators import (
     PairMoments,
     PooledRows,
     PromptEntropy,
+    RoutingStats,
     StreamingCKA,
 )
 from sftlens.metrics.attention import (
@@ -42,12 +44,14 @@ from sftlens.metrics.information import (
     normalize_rows,
     paper_dataset_eigenvalues,
 )
+from sftlens.metrics.routing import expert_counts, load_tv, route_js, routing_sums, token_js
 
 __all__ = [
     "AttentionStats",
     "PairMoments",
     "PooledRows",
     "PromptEntropy",
+    "RoutingStats",
     "StreamingCKA",
     "alpha_entropy_from_eigenvalues",
     "alpha_entropy_rows",
@@ -58,8 +62,10 @@ __all__ = [
     "cka_from_moments",
     "dataset_entropy",
     "effective_rank",
+    "expert_counts",
     "gram_eigenvalues",
     "linear_cka",
+    "load_tv",
     "masked_gram_eigenvalues",
     "matrix_entropy",
     "mean_cosine_similarity",
@@ -68,6 +74,9 @@ __all__ = [
     "normalize_entropy",
     "normalize_rows",
     "paper_dataset_eigenvalues",
+    "route_js",
+    "routing_sums",
     "row_cosine",
+    "token_js",
     "unbiased_cka",
 ]

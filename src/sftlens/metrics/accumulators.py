@@ -40,6 +40,7 @@ from sftlens.metrics.information import (
     matrix_entropy,
     normalize_entropy,
 )
+from sftlens.metrics.routing import load_tv, routing_sums
 
 Device = torch.device | str | None
 
@@ -388,4 +389,58 @@ class AttentionStats(_Accumulator):
             "attn_entropy_base": self.ent_base / n,
             "attn_entropy_sft": self.ent_sft / n,
             "attn_js": self.js / n,
+        }
+
+
+class RoutingStats(_Accumulator):
+    """Routing shift of one mixture-of-experts layer: JS between the base and SFT routers'
+    distributions, and each model's expert load (see :mod:`sftlens.metrics.routing`).
+
+    The state is sums (JS over tokens, top-k assignment counts per expert, tokens), so shards
+    of any size all-reduce exactly.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> za, zb = torch.randn(10, 4, generator=g), torch.randn(10, 4, generator=g)
+        >>> acc = RoutingStats(4, top_k=2)
+        >>> acc.update(za[:3], zb[:3]); acc.update(za[3:], zb[3:])
+        >>> out = acc.compute()
+        >>> from sftlens.metrics.routing import route_js
+        >>> abs(out["route_js"] - route_js(za, zb)) < 1e-12, float(out["load_base"].sum())
+        (True, 1.0)
+    """
+
+    _state = ("js", "count_base", "count_sft", "count")
+
+    def __init__(self, num_experts: int, top_k: int, *, device: Device = None) -> None:
+        super().__init__(device)
+        self.num_experts, self.top_k = num_experts, top_k
+        self.js, self.count = self._zeros(), self._zeros()
+        self.count_base, self.count_sft = self._zeros(num_experts), self._zeros(num_experts)
+
+    def update(self, logits_base: Tensor, logits_sft: Tensor, mask: Tensor | None = None) -> None:
+        """Add one batch's router logits of both models, (B, T, E) with a (B, T) mask of real
+        tokens, or (N, E) of real tokens."""
+        if logits_base.shape[-1] != self.num_experts:
+            raise SftlensError(
+                f"expected router logits over {self.num_experts} experts, got "
+                f"{tuple(logits_base.shape)}; build RoutingStats with the model's expert count"
+            )
+        js, cb, cs, n = routing_sums(logits_base, logits_sft, self.top_k, mask)
+        self.js += js.to(self.device)
+        self.count_base += cb.to(self.device)
+        self.count_sft += cs.to(self.device)
+        self.count += n
+
+    def compute(self) -> dict[str, float | Tensor]:
+        """``route_js`` and ``route_load_tv`` (floats), ``load_base`` / ``load_sft`` ((E,),
+        fractions of the top-k assignments, each summing to 1)."""
+        n = self._count()
+        base = self.count_base / (n * self.top_k)
+        sft = self.count_sft / (n * self.top_k)
+        return {
+            "route_js": float(self.js) / n,
+            "route_load_tv": load_tv(base, sft),
+            "load_base": base,
+            "load_sft": sft,
         }

@@ -21,8 +21,10 @@ undone by transformers' GGUF loader; tensors reaching this module are in Hugging
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -49,12 +51,17 @@ __all__ = [
     "head_dim",
     "hidden_size",
     "linear_weight",
+    "load_block_tensor",
     "model_summary",
+    "moe_layers",
+    "num_experts",
     "num_heads",
     "num_kv_heads",
     "num_layers",
     "path_variants",
+    "split_experts",
     "split_fused",
+    "top_k_experts",
     "vocab_size",
 ]
 
@@ -71,6 +78,15 @@ _LINEAR_PROJS = frozenset(
 )
 #: Fused projection -> the parts it splits into, in order.
 _FUSED_PARTS = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
+#: Dense MLP projections (what LoRA's ``mlp`` targets and ``ArchSpec.mlp_projs`` list).
+_DENSE_MLP = ("gate", "up", "gate_up", "down", "fc_in", "fc_out")
+#: Parts of one routed expert (a gated MLP), in the order the fused tensors hold them.
+EXPERT_PARTS = ("gate", "up", "down")
+#: The fused 3-D expert parameters of transformers 5 (``experts.gate_up_proj`` [E, 2I, d],
+#: ``experts.down_proj`` [E, d, I]) -> their role's ``proj``.
+_FUSED_EXPERTS = {"gate_up_proj": "experts_gate_up", "down_proj": "experts_down"}
+#: The shared expert's projections (a plain gated MLP, Qwen2-MoE) -> their role's ``proj``.
+_SHARED_PARTS = {"gate_proj": "shared_gate", "up_proj": "shared_up", "down_proj": "shared_down"}
 
 
 @dataclass(frozen=True)
@@ -89,6 +105,20 @@ class ArchSpec:
 
     ``transposed``: block linear weights are stored ``(in, out)`` (GPT-2 Conv1D), not ``(out, in)``.
     ``unembedding_aliases``: other checkpoint names of the LM head (Pythia's ``embed_out``).
+
+    Mixture-of-experts blocks (Mixtral, Qwen2-MoE, OLMoE) also have:
+
+    - ``router``: the router module (weight ``(E, d)``; its forward returns the router logits
+      first), hooked for the routing metrics;
+    - ``experts``: the experts module. In memory (transformers 5) it holds the fused 3-D
+      parameters ``gate_up_proj`` ``[E, 2I, d]`` (gate rows first) and ``down_proj``
+      ``[E, d, I]``; checkpoints on disk may hold them so, or one tensor per expert and part
+      under ``experts.{e}.{name}.weight`` with the names of ``expert_names`` (checkpoint name,
+      part): ``w1/w3/w2`` for Mixtral, ``gate_proj/up_proj/down_proj`` for the others;
+    - ``shared_expert`` / ``shared_expert_gate`` (Qwen2-MoE): an always-on gated MLP
+      (``gate_proj up_proj down_proj``) and its sigmoid gate ``(1, d)``;
+    - ``checkpoint_renames``: (checkpoint prefix, module prefix) pairs inside a block, e.g.
+      Mixtral's ``block_sparse_moe.`` on disk for ``mlp.`` in memory.
     """
 
     model_types: tuple[str, ...]
@@ -112,6 +142,17 @@ class ArchSpec:
     fc_out: str | None = None
     norms: tuple[str, ...] = ()
     transposed: bool = False
+    router: str | None = None
+    experts: str | None = None
+    expert_names: tuple[tuple[str, str], ...] = ()
+    shared_expert: str | None = None
+    shared_expert_gate: str | None = None
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether blocks route tokens to experts (a router and an experts module)."""
+        return self.router is not None and self.experts is not None
 
     def block_modules(self) -> dict[str, tuple[str, str]]:
         """Relative module name inside a block -> ``(group, proj)``; norms use their own name."""
@@ -124,6 +165,13 @@ class ArchSpec:
             name = getattr(self, proj)
             if name is not None:
                 out[name] = ("mlp", proj)
+        if self.router is not None:
+            out[self.router] = ("mlp", "router")
+        if self.shared_expert is not None:
+            for leaf, proj in _SHARED_PARTS.items():
+                out[f"{self.shared_expert}.{leaf}"] = ("mlp", proj)
+        if self.shared_expert_gate is not None:
+            out[self.shared_expert_gate] = ("mlp", "shared_expert_gate")
         for name in self.norms:
             out[name] = ("norm", name)
         return out
@@ -151,8 +199,9 @@ class ArchSpec:
 
     @property
     def mlp_projs(self) -> tuple[str, ...]:
-        """The MLP projections as stored (e.g. ``("gate","up","down")`` or ``("fc_in","fc_out")``)."""
-        return tuple(p for g, p in self.block_modules().values() if g == "mlp")
+        """The dense MLP projections as stored (e.g. ``("gate","up","down")`` or
+        ``("fc_in","fc_out")``); routers and experts are not among them."""
+        return tuple(p for g, p in self.block_modules().values() if g == "mlp" and p in _DENSE_MLP)
 
 
 _PRE_POST = ("input_layernorm", "post_attention_layernorm")
@@ -178,6 +227,27 @@ def _llama_like(model_types: tuple[str, ...], norms: tuple[str, ...]) -> ArchSpe
     )
 
 
+def _moe(
+    model_types: tuple[str, ...],
+    norms: tuple[str, ...],
+    expert_names: tuple[str, str, str],
+    **kw: Any,
+) -> ArchSpec:
+    """A Llama-shaped block whose MLP is a sparse mixture of experts (``mlp.gate`` routes)."""
+    return dataclasses.replace(
+        _llama_like(model_types, norms),
+        gate=None,
+        up=None,
+        down=None,
+        router="mlp.gate",
+        experts="mlp.experts",
+        expert_names=tuple(zip(expert_names, EXPERT_PARTS)),
+        **kw,
+    )
+
+
+_HF_EXPERTS = ("gate_proj", "up_proj", "down_proj")
+
 # fmt: off
 _SPECS: tuple[ArchSpec, ...] = (
     _llama_like(("llama", "mistral", "qwen2", "gemma"), _PRE_POST),
@@ -186,6 +256,16 @@ _SPECS: tuple[ArchSpec, ...] = (
     _llama_like(("gemma3_text",), _PRE_POST + _FF_SANDWICH + _QK_NORM),
     _llama_like(("olmo",), ()),  # OLMo-1 LayerNorms have no parameters
     _llama_like(("olmo2", "olmo3"), _OLMO2_NORMS),
+    # Mixtral checkpoints: block_sparse_moe.experts.{e}.w1 (gate) / w3 (up) / w2 (down)
+    _moe(("mixtral",), _PRE_POST, ("w1", "w3", "w2"),
+         checkpoint_renames=(("block_sparse_moe.", "mlp."),)),
+    # Qwen2-MoE: dense MLP layers (mlp_only_layers, decoder_sparse_step) keep mlp.gate_proj...
+    dataclasses.replace(
+        _moe(("qwen2_moe",), _PRE_POST, _HF_EXPERTS,
+             shared_expert="mlp.shared_expert", shared_expert_gate="mlp.shared_expert_gate"),
+        gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
+    ),
+    _moe(("olmoe",), _PRE_POST + _QK_NORM, _HF_EXPERTS),
     ArchSpec(
         model_types=("phi3",), blocks="model.layers", final_norm="model.norm",
         embedding="model.embed_tokens",
@@ -271,6 +351,36 @@ def head_dim(config: Any) -> int:
         return hidden_size(config) // num_heads(config)
 
 
+def num_experts(config: Any) -> int:
+    """Routed experts per MoE layer (``num_local_experts`` / ``num_experts``)."""
+    return _config_int(config, ("num_local_experts", "num_experts"), "number of experts")
+
+
+def top_k_experts(config: Any) -> int:
+    """Experts each token is routed to (``num_experts_per_tok``)."""
+    return _config_int(config, ("num_experts_per_tok",), "experts per token")
+
+
+def moe_layers(config: Any) -> list[int]:
+    """The blocks whose MLP is a mixture of experts (none for a dense family).
+
+    Qwen2-MoE keeps a dense MLP in ``mlp_only_layers`` and in the layers that
+    ``decoder_sparse_step`` skips (its decoder layer's own rule); Mixtral and OLMoE route in
+    every block.
+    """
+    spec = _spec_or_none(config)
+    if spec is None or not spec.is_moe:
+        return []
+    text = _text_config(config)
+    layers = range(num_layers(config))
+    if "qwen2_moe" not in spec.model_types:
+        return list(layers)
+    dense = set(getattr(text, "mlp_only_layers", None) or ())
+    step = int(getattr(text, "decoder_sparse_step", 1) or 1)
+    experts = num_experts(config)
+    return [i for i in layers if i not in dense and experts > 0 and (i + 1) % step == 0]
+
+
 def final_logit_softcap(config: Any) -> float | None:
     """``final_logit_softcapping`` (Gemma 2/3): logits = cap * tanh(logits / cap), or None."""
     value = getattr(_text_config(config), "final_logit_softcapping", None)
@@ -331,12 +441,19 @@ class ParamRole:
     name (``input_layernorm``, ``self_attn.q_norm``); ``tokens``/``positions`` for embeddings;
     ``lm_head``; the final norm's attribute name; for ``other`` the module path.
     ``kind``: ``weight`` or ``bias`` (for ``other``, the key's last component).
+
+    Mixture-of-experts blocks (group ``mlp``): ``proj`` is ``router``; ``expert_gate``,
+    ``expert_up``, ``expert_down`` for one expert's tensor (``expert`` = its index); the fused
+    3-D ``experts_gate_up`` / ``experts_down`` holding every expert (``expert`` None); the
+    shared expert's ``shared_gate shared_up shared_down`` and its ``shared_expert_gate``.
+    The layer index is always the number after the block list's path, never an expert index.
     """
 
     layer: int | None
     group: str
     proj: str
     kind: str
+    expert: int | None = None
 
 
 _PEFT_PREFIX = "base_model.model."
@@ -401,15 +518,47 @@ def classify_param(spec: ArchSpec, name: str) -> ParamRole:
     match = _block_key_re(spec).match(key)
     if match is not None:
         layer = int(match.group(1))
-        inner, _, leaf = match.group(2).rpartition(".")
+        inner, _, leaf = _rename_in_block(spec, match.group(2)).rpartition(".")
         role = spec.block_modules().get(inner)
         if role is not None and leaf in ("weight", "bias"):
             return ParamRole(layer, role[0], role[1], leaf)
+        expert = _expert_role(spec, layer, inner, leaf)
+        if expert is not None:
+            return expert
         return ParamRole(layer, "other", inner or leaf, leaf)
     role = _top_level_roles(spec).get(module)
     if role is not None and leaf in ("weight", "bias"):
         return ParamRole(None, role[0], role[1], leaf)
     return ParamRole(None, "other", module, leaf)
+
+
+def _rename_in_block(spec: ArchSpec, inner: str) -> str:
+    """A block-relative checkpoint name as the module names it (Mixtral's
+    ``block_sparse_moe.`` -> ``mlp.``)."""
+    for on_disk, in_memory in spec.checkpoint_renames:
+        if inner.startswith(on_disk):
+            return in_memory + inner[len(on_disk) :]
+    return inner
+
+
+@functools.cache
+def _expert_key_re(spec: ArchSpec) -> re.Pattern[str]:
+    names = "|".join(re.escape(n) for n, _ in spec.expert_names)
+    return re.compile(rf"^{re.escape(spec.experts or '')}\.(\d+)\.({names})$")
+
+
+def _expert_role(spec: ArchSpec, layer: int, inner: str, leaf: str) -> ParamRole | None:
+    """The role of an expert tensor: fused 3-D (``mlp.experts.gate_up_proj``) or one
+    expert's part (``mlp.experts.3.w1.weight``, expert 3), else None."""
+    if spec.experts is None:
+        return None
+    if inner == spec.experts and leaf in _FUSED_EXPERTS:
+        return ParamRole(layer, "mlp", _FUSED_EXPERTS[leaf], "weight")
+    match = _expert_key_re(spec).match(inner)
+    if match is None or leaf not in ("weight", "bias"):
+        return None
+    part = dict(spec.expert_names)[match.group(2)]
+    return ParamRole(layer, "mlp", f"expert_{part}", leaf, expert=int(match.group(1)))
 
 
 # ---------------------------------------------------------------- fused tensors
@@ -467,6 +616,79 @@ def split_fused(
             )
         return dict(zip(_FUSED_PARTS["gate_up"], t.chunk(2, dim=0)))
     return {proj: t}
+
+
+def split_experts(proj: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Split a fused 3-D expert tensor into its parts, each ``[E, out, in]`` (``nn.Linear``
+    orientation per expert, views).
+
+    ``experts_gate_up`` ``[E, 2I, d]`` -> ``gate`` (rows ``:I``) and ``up`` (rows ``I:``),
+    as the experts' forward takes them (``linear(x, gate_up_proj[e]).chunk(2, dim=-1)``);
+    ``experts_down`` ``[E, d, I]`` -> ``down``.
+
+    >>> t = torch.arange(2 * 4 * 3.0).reshape(2, 4, 3)  # 2 experts, I = 2, d = 3
+    >>> parts = split_experts("experts_gate_up", t)
+    >>> parts["gate"][1].tolist(), parts["up"][1].tolist()
+    ([[12.0, 13.0, 14.0], [15.0, 16.0, 17.0]], [[18.0, 19.0, 20.0], [21.0, 22.0, 23.0]])
+    """
+    if tensor.ndim != 3:
+        raise SftlensError(
+            f"fused expert tensor {proj} has shape {tuple(tensor.shape)}; expected 3-D "
+            "[experts, out, in]"
+        )
+    if proj == "experts_down":
+        return {"down": tensor}
+    if proj != "experts_gate_up":
+        raise SftlensError(f"{proj} is not a fused expert tensor (experts_gate_up, experts_down)")
+    if tensor.shape[1] % 2:
+        raise SftlensError(
+            f"fused experts gate_up tensor has an odd number of rows ({tensor.shape[1]}); "
+            "expected [gate; up] of equal size"
+        )
+    gate, up = tensor.chunk(2, dim=1)
+    return {"gate": gate, "up": up}
+
+
+def load_block_tensor(
+    spec: ArchSpec, name: str, find: Callable[[str], torch.Tensor | None], experts: int = 0
+) -> torch.Tensor | None:
+    """Block parameter ``name`` (as the live module names it) from checkpoint tensors.
+
+    ``find(inner)`` returns the checkpoint tensor stored under the block-relative name
+    ``inner`` for this block, or None. The parameter is found under its own name, under the
+    family's checkpoint name (Mixtral's ``block_sparse_moe.``), or, for the fused 3-D experts
+    of transformers 5 (``experts.gate_up_proj`` / ``experts.down_proj``), assembled from the
+    ``experts`` per-expert tensors of a checkpoint that stores one per expert (what
+    ``save_pretrained`` writes): ``gate_up_proj[e] = cat(gate_e, up_e)``,
+    ``down_proj[e] = down_e``. Returns None when nothing fits.
+    """
+    found = find(name)
+    if found is not None:
+        return found
+    for on_disk, in_memory in spec.checkpoint_renames:
+        if name.startswith(in_memory):
+            found = find(on_disk + name[len(in_memory) :])
+            if found is not None:
+                return found
+    module, _, leaf = name.rpartition(".")
+    if spec.experts is None or module != spec.experts or leaf not in _FUSED_EXPERTS:
+        return None
+    disk = {part: n for n, part in spec.expert_names}
+    parts = ("gate", "up") if leaf == "gate_up_proj" else ("down",)
+    per_expert: list[torch.Tensor] = []
+    for e in range(experts):
+        tensors = []
+        for part in parts:
+            inner = f"{spec.experts}.{e}.{disk[part]}.weight"
+            t = find(inner)
+            for on_disk, in_memory in spec.checkpoint_renames:
+                if t is None and inner.startswith(in_memory):
+                    t = find(on_disk + inner[len(in_memory) :])
+            if t is None:
+                return None
+            tensors.append(t)
+        per_expert.append(torch.cat(tensors, dim=0))
+    return torch.stack(per_expert) if per_expert else None
 
 
 # ---------------------------------------------------------------- live modules

@@ -20,6 +20,10 @@ WEIGHT_COLUMNS = (
     "dw_attn_rel",
     "dw_mlp",
     "dw_mlp_rel",
+    "dw_router",  # mixture-of-experts layers only (a column is shown when present)
+    "dw_router_rel",
+    "dw_experts_rel",
+    "dw_shared_expert_rel",
     "dw_norm",
     "dw_block_rel",
 )
@@ -34,6 +38,8 @@ PAIR_COLUMNS = (
     "mean_shift",
     "mean_shift_rel",
     "attn_js",
+    "route_js",  # mixture-of-experts layers only
+    "route_load_tv",
 )
 MODEL_COLUMNS = (
     "prompt_entropy",
@@ -137,6 +143,7 @@ def build_report(run: Path) -> Path:
             "information_erank.png",
             "attention.png",
             "attention_heads_js.png",
+            "routing.png",
         ):
             if (run / "plots" / name).is_file():
                 body += image(run / "plots" / name, name)

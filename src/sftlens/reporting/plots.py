@@ -86,7 +86,8 @@ def plot_weights(rows: Sequence[Row], plots_dir: str | Path) -> list[Path]:
     """dW per projection against depth (absolute and relative)."""
     plots_dir = Path(plots_dir)
     out = []
-    absolute = {m: series(rows, f"dw_{m}") for m in ("q", "k", "v", "o", "attn", "mlp")}
+    projs = ("q", "k", "v", "o", "attn", "mlp", "router", "experts")  # MoE: router, experts
+    absolute = {m: series(rows, f"dw_{m}") for m in projs}
     if any(absolute.values()):
         out.append(
             plot_layers(
@@ -96,7 +97,9 @@ def plot_weights(rows: Sequence[Row], plots_dir: str | Path) -> list[Path]:
                 ylabel="||W_sft - W_base||_F",
             )
         )
-        relative = {m: series(rows, f"dw_{m}_rel") for m in ("attn", "mlp", "q", "k", "v", "o")}
+        relative = {
+            m: series(rows, f"dw_{m}_rel") for m in ("attn", "mlp", "q", "k", "v", "o", "router")
+        }
         out.append(
             plot_layers(
                 plots_dir / "weights_dw_rel.png",
@@ -214,6 +217,16 @@ def plot_representations(rows: Sequence[Row], plots_dir: str | Path) -> list[Pat
                 attn,
                 title="Attention entropy and base-vs-SFT JS divergence",
                 ylabel="nats",
+            )
+        )
+    routing = {m: series(rows, m) for m in ("route_js", "route_load_tv")}
+    if any(routing.values()):  # mixture-of-experts layers
+        out.append(
+            plot_layers(
+                plots_dir / "routing.png",
+                routing,
+                title="Routing shift: router JS (nats) and expert-load total variation",
+                ylabel="route_js / route_load_tv",
             )
         )
     return out

@@ -61,8 +61,19 @@ def target_projs(spec: surgery.ArchSpec, targets: str) -> tuple[str, ...]:
     """The projections ``--targets`` names, as the architecture stores them.
 
     ``attn`` -> ``q,k,v,o`` (or ``qkv,o`` for a fused model), ``mlp`` -> its MLP projections,
-    ``attn+mlp`` both; a list of names is checked against the architecture.
+    ``attn+mlp`` both; a list of names is checked against the architecture. Mixture-of-experts
+    MLPs are refused: transformers 5 stores the experts as fused 3-D parameters, not the
+    ``nn.Linear`` modules that PEFT's ``target_modules`` adapts (and per-expert module names
+    would put an expert index where PEFT looks for the layer index).
     """
+    if spec.is_moe and (
+        "mlp" in targets.split("+") or any(t.strip() in spec.mlp_projs for t in targets.split(","))
+    ):
+        raise SftlensError(
+            f"--targets {targets}: {'/'.join(spec.model_types)} MLPs are mixtures of experts "
+            "(fused 3-D expert weights) that LoRA cannot target; pass --targets attn "
+            "(or a list of q,k,v,o)"
+        )
     if targets in TARGET_GROUPS:
         out: tuple[str, ...] = ()
         if "attn" in targets:
