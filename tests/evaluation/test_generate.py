@@ -322,6 +322,9 @@ def test_nucleus_probs_against_a_hand_count():
     assert torch.allclose(
         nucleus_probs(logits, 1.0, 0.81), torch.tensor([[0.5, 0.3, 0.15, 0]]) / 0.95
     )
+    # exactly at the boundary (0.25 each, exact in binary): mass before token 3 is 0.5 = top_p
+    flat = nucleus_probs(torch.zeros(1, 4), 1.0, 0.5)
+    assert flat.tolist() == [[0.5, 0.5, 0.0, 0.0]]
     hot = nucleus_probs(logits, 2.0, 1.0)  # p ** (1 / T), renormalised
     want = torch.tensor([[0.5, 0.3, 0.15, 0.05]]) ** 0.5
     assert torch.allclose(hot, want / want.sum())
