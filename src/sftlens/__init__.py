@@ -15,6 +15,7 @@ _API = {
     "analyze",
     "sft",
     "demo",
+    "dpo",
     "evaluate",
     "probe",
     "swap",

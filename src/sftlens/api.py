@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from sftlens.config import (
     AnalyzeConfig,
     DemoConfig,
+    DpoConfig,
     EvalConfig,
     InterpolateConfig,
     ProbeConfig,
@@ -37,6 +38,7 @@ log = logging.getLogger("sftlens")
 __all__ = [
     "analyze",
     "demo",
+    "dpo",
     "evaluate",
     "interpolate",
     "load_model",
@@ -159,6 +161,22 @@ def tune(model: str, **options: Any) -> Path:
     from sftlens.tuning.tune import run_tune
 
     return run_tune(TuneConfig(model=model, **options))
+
+
+def dpo(model: str, **options: Any) -> Path:
+    """Preference tuning after SFT: GSM8K pairs (the gold worked answer against the model's own
+    sampled wrong answer), then DPO through TRL, LoRA on ``mask``'s layers merged into the
+    weights (or ``full=True``); returns the output folder, a Hugging Face model folder with
+    ``pairs.jsonl`` and ``trainer_state.json``.
+
+    Options are the fields of :class:`sftlens.config.DpoConfig` (``data``, ``max_examples``,
+    ``samples_per_problem``, ``temperature``, ``beta``, ``steps``, ``mask``, ``full``, ...).
+
+    >>> sftlens.dpo("runs/sft", data="gsm8k", max_examples=64, out="runs/dpo")  # doctest: +SKIP
+    """
+    from sftlens.tuning.dpo import run_dpo
+
+    return run_dpo(DpoConfig(model=model, **options))
 
 
 def sweep(model: str, **options: Any) -> Path:

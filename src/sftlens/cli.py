@@ -16,6 +16,7 @@ from typing import Any
 from sftlens.config import (
     AnalyzeConfig,
     DemoConfig,
+    DpoConfig,
     EvalConfig,
     InterpolateConfig,
     ProbeConfig,
@@ -48,6 +49,12 @@ def _sft(ns: argparse.Namespace) -> Any:
     from sftlens.tuning.sft import train_sft
 
     return train_sft(from_namespace(SFTConfig, ns))
+
+
+def _dpo(ns: argparse.Namespace) -> Any:
+    from sftlens.tuning.dpo import run_dpo
+
+    return run_dpo(from_namespace(DpoConfig, ns))
 
 
 def _sweep(ns: argparse.Namespace) -> Any:
@@ -133,6 +140,11 @@ COMMANDS: dict[str, tuple[type | None, Callable[[argparse.Namespace], Any], str]
         TuneConfig,
         _tune,
         "LoRA on the layers of a mask only (01100: the middle blocks), budget-matched",
+    ),
+    "dpo": (
+        DpoConfig,
+        _dpo,
+        "preference tuning (DPO via TRL) on GSM8K pairs: gold answer vs the model's own wrong one",
     ),
     "sweep": (
         SweepConfig,

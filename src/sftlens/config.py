@@ -202,7 +202,11 @@ class TrainConfig:
             self.prompt_format in ("qa", "chat"),
             f"--prompt-format must be 'qa' or 'chat', got '{self.prompt_format}'",
         )
-        self.dtype = _dtype(self.dtype, self.device, self._auto_cuda_dtype)
+        self.dtype = _dtype(self.dtype, self.device, self.auto_cuda_dtype())
+
+    def auto_cuda_dtype(self) -> str:
+        """What ``--dtype auto`` means on a GPU for this command."""
+        return self._auto_cuda_dtype
 
 
 @dataclass
@@ -813,7 +817,7 @@ class SweepConfig(TuneConfig):
             if f.init and f.name != "from_run"
         }
         TuneConfig(**shared)  # the training options, checked as tune checks them
-        self.dtype = _dtype(self.dtype, self.device, self._auto_cuda_dtype)
+        self.dtype = _dtype(self.dtype, self.device, self.auto_cuda_dtype())
         masks = parse_masks(self.masks, self.blocks)
         _check(
             "auto" not in masks or bool(self.from_run),
@@ -827,3 +831,72 @@ class SweepConfig(TuneConfig):
             self.eval_batch_size >= 1,
             f"--eval-batch-size must be >= 1, got {self.eval_batch_size}",
         )
+
+
+@dataclass
+class DpoConfig(TuneConfig):
+    """``sftlens dpo MODEL``: preference tuning (DPO, through TRL) after SFT, on GSM8K pairs.
+
+    Each train problem is sampled ``--samples-per-problem`` times from MODEL; the gold worked
+    answer is *chosen*, the first sample that is wrong under both strict and flexible scoring is
+    *rejected* (problems without a wrong sample are skipped). Then DPO with LoRA on the layers of
+    ``--mask`` (rank and alpha as ``tune``; the reference is the model with the adapter off), or
+    ``--full``. Work: :mod:`sftlens.tuning.dpo` (pairs: :mod:`sftlens.tuning.preference`).
+    """
+
+    _command: ClassVar[str] = "dpo"
+
+    out: str = arg(
+        "runs/dpo",
+        help="output folder: a Hugging Face model folder (LoRA merged into the weights), "
+        "pairs.jsonl, samples.jsonl, trainer_state.json",
+    )
+    max_examples: int | None = arg(
+        256,
+        aliases=("--pairs",),
+        help="train problems to sample (the first N of the split); those with a wrong sample "
+        "become pairs",
+    )
+    lr: float = arg(5e-6, help="peak learning rate (AdamW)")
+    save_every: int = arg(
+        0,
+        help="also save the model (merged) as OUT/checkpoint-STEP every N steps (0: only at the end)",
+    )
+    full: bool = arg(
+        False,
+        help="train every parameter (the reference is a frozen copy of MODEL) instead of LoRA "
+        "on the layers of --mask",
+    )
+    beta: float = arg(0.1, help="DPO beta: how far the policy may move from the reference")
+    samples_per_problem: int = arg(
+        4, help="answers sampled per problem; the first wrong one is the rejected answer"
+    )
+    temperature: float = arg(1.0, help="sampling temperature of the answers")
+    top_p: float = arg(1.0, help="nucleus sampling: keep the most likely tokens up to this mass")
+    max_new_tokens: int = arg(256, help="a sampled answer stops after this many new tokens")
+    sample_batch_size: int = arg(16, help="answers generated together")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(
+            not self.full or self.mask.strip() == "11111",
+            f"--full trains every parameter, so --mask {self.mask} means nothing; drop one of them",
+        )
+        _check(self.beta > 0, f"--beta must be > 0, got {self.beta}")
+        _check(
+            self.samples_per_problem >= 1,
+            f"--samples-per-problem must be >= 1, got {self.samples_per_problem}",
+        )
+        _check(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
+        _check(
+            self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"
+        )
+        _check(
+            self.sample_batch_size >= 1,
+            f"--sample-batch-size must be >= 1, got {self.sample_batch_size}",
+        )
+
+    def auto_cuda_dtype(self) -> str:
+        """Full DPO keeps float32 master weights, as ``sft``; LoRA a bf16 frozen base."""
+        return "float32" if self.full else "bfloat16"

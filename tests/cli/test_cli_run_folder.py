@@ -46,12 +46,12 @@ def test_report_needs_only_one_run_file(tmp_path):
     assert "dw_attn" in (tmp_path / "report.html").read_text()
 
 
-@pytest.mark.parametrize("command", ["weights", "analyze", "sft", "demo"])
+@pytest.mark.parametrize("command", ["weights", "analyze", "sft", "dpo", "demo"])
 def test_out_naming_an_existing_file(tiny_pair, tmp_path, capsys, command):
     base, sft = tiny_pair
     target = tmp_path / "results.txt"
     target.write_text("keep me")
-    models = {"sft": [str(base)], "demo": ["--model", str(base)]}.get(
+    models = {"sft": [str(base)], "dpo": [str(base)], "demo": ["--model", str(base)]}.get(
         command, [str(base), str(sft)]
     )
     args = [command, *models, "--out", str(target), "--data", "synthetic", "--no-progress"]

@@ -18,6 +18,7 @@ from sftlens.cli import COMMANDS, main
 from sftlens.config import (
     AnalyzeConfig,
     DemoConfig,
+    DpoConfig,
     EvalConfig,
     InterpolateConfig,
     ProbeConfig,
@@ -71,6 +72,19 @@ CASES: list[tuple[type, dict, str]] = [
         "--targets must be one of attn, attn+mlp, mlp or a list of q, k, v, o, qkv, gate, up, "
         "down, gate_up, fc_in, fc_out, got 'q,x'",
     ),
+    (DpoConfig, {"split": "test"}, "dpo refuses to train on the test split; use --split train"),
+    (
+        DpoConfig,
+        {"full": True, "mask": "01100"},
+        "--full trains every parameter, so --mask 01100 means nothing; drop one of them",
+    ),
+    (DpoConfig, {"beta": 0.0}, "--beta must be > 0, got 0.0"),
+    (DpoConfig, {"samples_per_problem": 0}, "--samples-per-problem must be >= 1, got 0"),
+    (DpoConfig, {"temperature": 0.0}, "--temperature must be > 0, got 0.0"),
+    (DpoConfig, {"top_p": 0.0}, "--top-p must be in (0, 1], got 0.0"),
+    (DpoConfig, {"top_p": 1.5}, "--top-p must be in (0, 1], got 1.5"),
+    (DpoConfig, {"max_new_tokens": 0}, "--max-new-tokens must be >= 1, got 0"),
+    (DpoConfig, {"sample_batch_size": 0}, "--sample-batch-size must be >= 1, got 0"),
     (DemoConfig, {"sft_steps": 0}, "--sft-steps must be >= 1, got 0"),
     (DemoConfig, {"analyze_prompts": -1}, "--analyze-prompts must be >= 0, got -1"),
     (DemoConfig, {"eval_problems": -1}, "--eval-problems must be >= 0, got -1"),

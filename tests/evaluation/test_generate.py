@@ -256,3 +256,79 @@ def test_forward_params_and_cache_kwarg_see_through_a_peft_wrapper():
         def forward(self, input_ids, past_key_values=None, use_cache=False): ...
 
     assert gen_mod.cache_kwarg(Transformers4Model()) == "past_key_values"
+
+
+# -- seeded sampling (sftlens dpo) -------------------------------------------------------------
+
+
+def _sample_all(model, items, rule, tok, sampling, batch_size, prefix=None):
+    keyed = [((i, j), ids) for i, ids in enumerate(items) for j in range(2)]
+    out = {}
+    for batch in generate(
+        model, keyed, rule, pad_id=0, batch_size=batch_size, prefix=prefix, sampling=sampling
+    ):
+        out.update({key: g.tokens for key, g in batch})
+    return out
+
+
+def test_sampling_is_seeded_per_item_whatever_the_batch(tok):
+    from sftlens.evaluation.generate import Sampling
+
+    model = tiny_lm("llama")
+    items = prompts(tok, n=5)
+    rule = StopRule(decode=decoder(tok), eos_ids=frozenset({1}), max_new_tokens=10)
+    s = Sampling(temperature=1.0, top_p=0.95, seed=3)
+    first = _sample_all(model, items, rule, tok, s, batch_size=3)
+    assert first == _sample_all(model, items, rule, tok, s, batch_size=3)  # reproducible
+    # the same draws in other batches, with the shared-prefix cache, after a "resume"
+    prefix = shared_prefix(model, items, longest=200)
+    assert first == _sample_all(model, items, rule, tok, s, batch_size=10, prefix=prefix)
+    assert first == {
+        k: v for k, v in _sample_all(model, items[:2], rule, tok, s, batch_size=1).items()
+    } | {k: v for k, v in first.items() if k[0] >= 2}
+    # a sample is not greedy, two samples of one prompt differ, another seed draws otherwise
+    greedy = {
+        i: g.tokens
+        for batch in generate(model, list(enumerate(items)), rule, pad_id=0)
+        for i, g in batch
+    }
+    assert any(first[(i, 0)] != greedy[i] for i in range(5))
+    assert any(first[(i, 0)] != first[(i, 1)] for i in range(5))
+    assert first != _sample_all(model, items, rule, tok, Sampling(top_p=0.95, seed=4), 3)
+
+
+def test_sampling_with_a_tiny_nucleus_is_greedy(tok):
+    """top-p so small that only the most likely token stays: the samples are the greedy run."""
+    from sftlens.evaluation.generate import Sampling
+
+    model = tiny_lm("gpt2")
+    items = prompts(tok, n=4)
+    rule = StopRule(decode=decoder(tok), eos_ids=frozenset({1}), max_new_tokens=12)
+    greedy = {
+        i: g.tokens
+        for batch in generate(model, list(enumerate(items)), rule, pad_id=0)
+        for i, g in batch
+    }
+    sampled = _sample_all(model, items, rule, tok, Sampling(top_p=1e-6, seed=0), 3)
+    assert all(sampled[(i, j)] == greedy[i] for i in range(4) for j in range(2))
+
+
+def test_nucleus_probs_against_a_hand_count():
+    from sftlens.evaluation.generate import Sampling, nucleus_probs
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.allclose(nucleus_probs(logits, 1.0, 0.8), torch.tensor([[0.625, 0.375, 0, 0]]))
+    # the token that crosses top_p stays: 0.5 + 0.3 < 0.81
+    assert torch.allclose(
+        nucleus_probs(logits, 1.0, 0.81), torch.tensor([[0.5, 0.3, 0.15, 0]]) / 0.95
+    )
+    # exactly at the boundary (0.25 each, exact in binary): mass before token 3 is 0.5 = top_p
+    flat = nucleus_probs(torch.zeros(1, 4), 1.0, 0.5)
+    assert flat.tolist() == [[0.5, 0.5, 0.0, 0.0]]
+    hot = nucleus_probs(logits, 2.0, 1.0)  # p ** (1 / T), renormalised
+    want = torch.tensor([[0.5, 0.3, 0.15, 0.05]]) ** 0.5
+    assert torch.allclose(hot, want / want.sum())
+    with pytest.raises(ValueError, match="temperature"):
+        Sampling(temperature=0)
+    with pytest.raises(ValueError, match="top_p"):
+        Sampling(top_p=0)

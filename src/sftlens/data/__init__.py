@@ -13,7 +13,13 @@ import zlib
 from pathlib import Path
 
 from sftlens.data.gsm8k import Example, check_limit, example_from_record, load_jsonl
-from sftlens.data.prompts import few_shot_prefix, format_chat, format_question, format_target
+from sftlens.data.prompts import (
+    few_shot_prefix,
+    format_chat,
+    format_prompt,
+    format_question,
+    format_target,
+)
 from sftlens.data.synthetic import generate_problems
 from sftlens.errors import SftlensError
 
@@ -23,6 +29,7 @@ __all__ = [
     "few_shot_prefix",
     "find_gsm8k_dir",
     "format_chat",
+    "format_prompt",
     "format_question",
     "format_target",
     "generate_problems",

@@ -31,6 +31,18 @@ def few_shot_prefix(exemplars: Sequence[Example]) -> str:
     )
 
 
+def format_prompt(tokenizer: Any, question: str, prompt_format: str = "qa") -> str:
+    """The prompt that ``sftlens sft`` trains after: :func:`format_question` (``qa``) or
+    :func:`format_chat` (``chat``). ``dpo`` samples and pairs after the same text.
+
+    >>> format_prompt(None, "2 + 2?")
+    'Question: 2 + 2?\\nAnswer:'
+    """
+    return (
+        format_chat(tokenizer, question) if prompt_format == "chat" else format_question(question)
+    )
+
+
 def format_chat(tokenizer: Any, question: str) -> str:
     """The question as one user turn in ``tokenizer``'s chat template, ready for generation."""
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__

@@ -426,14 +426,14 @@ def read_predictions(path: Path, repair: bool = True) -> list[Record]:
     return records
 
 
-def _line(rec: Record) -> str:
+def jsonl_line(rec: Record) -> str:
     return json.dumps(rec, ensure_ascii=False) + "\n"
 
 
-def _append(path: Path, records: Sequence[Record]) -> None:
+def append_records(path: Path, records: Sequence[Record]) -> None:
     """Append ``records`` as one write, flushed and fsynced (a crash loses at most this batch)."""
     with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(_line(r) for r in records))
+        f.write("".join(jsonl_line(r) for r in records))
         f.flush()
         os.fsync(f.fileno())
 
@@ -509,11 +509,11 @@ def run_eval(cfg: EvalConfig) -> Path:
                     prefix_cache=cfg.prefix_cache,
                     teacher_forced=cfg.teacher_forced,
                 ):
-                    _append(path, records)
+                    append_records(path, records)
                     done += records
                     bar.update(len(records))
         done.sort(key=lambda r: r["id"])
-        atomic_write_text(path, "".join(_line(r) for r in done))
+        atomic_write_text(path, "".join(jsonl_line(r) for r in done))
         summary, rows = summarize(done, task)
         summary = {
             "model": cfg.model,
@@ -552,7 +552,7 @@ def reusable_predictions(path: Path, state: Path, key: str, hashes: Sequence[str
             if r["id"] < min(len(hashes), len(before)) and before[r["id"]] == hashes[r["id"]]
         ]
     # first the file (its records hold under both states), then the state
-    atomic_write_text(path, "".join(_line(r) for r in done))
+    atomic_write_text(path, "".join(jsonl_line(r) for r in done))
     atomic_write_json(state, {"key": key, "problems": list(hashes)})
     return done
 

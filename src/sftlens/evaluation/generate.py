@@ -1,4 +1,4 @@
-"""Batched greedy generation over token ids, with one shared-prefix KV cache.
+"""Batched generation over token ids (greedy, or seeded sampling), with one shared-prefix KV cache.
 
 The engine works on token ids, never on text, so that what it generates is exactly what
 ``model.generate(do_sample=False)`` would give for each prompt alone:
@@ -19,7 +19,11 @@ The engine works on token ids, never on text, so that what it generates is exact
   window, :func:`shared_prefix` gives no cache and batches are plain left padded (exact, since
   the padding then lies outside every real token's window).
 - Decoding is pure ``argmax`` (the model's ``generation_config`` processors, e.g. a repetition
-  penalty, are not applied). A row stops at an EOS id, when its decoded new text contains a
+  penalty, are not applied), unless a :class:`Sampling` is given: then each row draws its next
+  token from the temperature-scaled, nucleus-filtered (top-p) distribution with its OWN
+  random generator, seeded from the sampling seed and the item's key, so a sample does not
+  depend on the batch size, the other rows or a resume (``sftlens dpo`` samples this way).
+  The greedy path is untouched by sampling. A row stops at an EOS id, when its decoded new text contains a
   stop string, or after ``max_new_tokens``; a finished row leaves the batch (its cache rows
   are dropped), so it stops costing work.
 - Prompts are sorted by length (longest first) so batches carry little padding and the first
@@ -29,6 +33,7 @@ The engine works on token ids, never on text, so that what it generates is exact
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import logging
 from collections.abc import Hashable, Iterable, Iterator, Sequence
@@ -78,9 +83,65 @@ class StopRule:
         return text if cut is None else text[:cut]
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Seeded temperature / nucleus (top-p) sampling instead of greedy decoding.
+
+    Each item draws with its own ``torch.Generator`` seeded by :meth:`row_seed` from ``seed``
+    and the item's key, so an item's sample is the same in any batch and after a resume.
+
+    >>> Sampling(seed=1).row_seed((3, 0)) == Sampling(seed=1).row_seed((3, 0))
+    True
+    >>> Sampling(seed=1).row_seed((3, 0)) == Sampling(seed=2).row_seed((3, 0))
+    False
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def row_seed(self, key: Hashable) -> int:
+        """A 63-bit seed from ``seed`` and ``repr(key)`` (stable across processes)."""
+        digest = hashlib.sha256(f"{self.seed}:{key!r}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") >> 1
+
+    def draw(self, logits: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """One token per row of ``logits`` (B, V), row ``i`` drawn with ``generators[i]``."""
+        probs = nucleus_probs(logits, self.temperature, self.top_p)
+        return torch.cat(
+            [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]
+        )
+
+
+def nucleus_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Probabilities (float32) of ``softmax(logits / temperature)`` restricted to the nucleus:
+    the most likely tokens whose mass before them is below ``top_p`` (the first always kept),
+    renormalised.
+
+    >>> nucleus_probs(torch.tensor([[2.0, 1.0, 0.0]]), 1.0, 0.5).tolist()
+    [[1.0, 0.0, 0.0]]
+    >>> p = nucleus_probs(torch.tensor([[0.0, 0.0, -50.0]]), 1.0, 0.9)
+    >>> [round(x, 3) for x in p[0].tolist()]
+    [0.5, 0.5, 0.0]
+    """
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p
+        sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+    return probs / probs.sum(-1, keepdim=True)
+
+
 @dataclass
 class Generation:
-    """One prompt's greedy continuation: the new token ids (the stop token included)."""
+    """One prompt's continuation: the new token ids (the stop token included)."""
 
     tokens: list[int] = field(default_factory=list)
     reason: StopReason = "length"
@@ -169,9 +230,17 @@ def generate_batch(
     *,
     pad_id: int,
     prefix: PrefixCache | None = None,
+    sampling: Sampling | None = None,
+    seeds: Sequence[int] = (),
 ) -> list[Generation]:
-    """Greedy continuations of ``prompts`` (whole prompts; each starts with ``prefix.ids``)."""
+    """Greedy continuations of ``prompts`` (whole prompts; each starts with ``prefix.ids``), or
+    with ``sampling`` samples, prompt ``i`` drawn by a generator seeded with ``seeds[i]``."""
     device = next(model.parameters()).device
+    gens: list[torch.Generator] = []
+    if sampling is not None:
+        if len(seeds) != len(prompts):
+            raise ValueError("sampling needs one seed per prompt")
+        gens = [torch.Generator(device=device).manual_seed(int(x)) for x in seeds]
     p = len(prefix) if prefix is not None else 0
     if prefix is not None and any(list(q[:p]) != prefix.ids for q in prompts):
         raise ValueError("every prompt must start with the prefix's token ids")
@@ -199,7 +268,10 @@ def generate_batch(
     results = [Generation() for _ in suffixes]
     active = list(range(b))  # batch row -> prompt index
     while True:
-        step = logits.float().argmax(-1)
+        if sampling is None:
+            step = logits.float().argmax(-1)
+        else:
+            step = sampling.draw(logits, [gens[i] for i in active])
         chosen = step.tolist()  # one device sync per step, not one per row
         keep: list[int] = []
         for row, i in enumerate(active):
@@ -263,14 +335,25 @@ def generate(
     pad_id: int,
     batch_size: int = 16,
     prefix: PrefixCache | None = None,
+    sampling: Sampling | None = None,
 ) -> Iterator[list[tuple[K, Generation]]]:
     """Greedy continuations of ``(key, prompt ids)`` items, yielded one finished batch at a time.
 
     Items are sorted longest first. With ``prefix`` (see :func:`shared_prefix`) every prompt
-    must start with ``prefix.ids``; their KV cache is reused by every batch.
+    must start with ``prefix.ids``; their KV cache is reused by every batch. With ``sampling``
+    each item is sampled with the generator of ``sampling.row_seed(key)`` (keys must then
+    differ between items that repeat a prompt, e.g. ``(problem, sample)``).
     """
     order = sorted(range(len(items)), key=lambda i: -len(items[i][1]))
     for start in range(0, len(order), batch_size):
         chunk = [items[i] for i in order[start : start + batch_size]]
-        gens = generate_batch(model, [ids for _, ids in chunk], rule, pad_id=pad_id, prefix=prefix)
+        gens = generate_batch(
+            model,
+            [ids for _, ids in chunk],
+            rule,
+            pad_id=pad_id,
+            prefix=prefix,
+            sampling=sampling,
+            seeds=[sampling.row_seed(key) for key, _ in chunk] if sampling is not None else (),
+        )
         yield [(key, g) for (key, _), g in zip(chunk, gens)]

@@ -242,10 +242,10 @@ def train_loop(
     ``checkpoint(history)`` between two barriers. Before each step the torch RNG is seeded from
     ``(seed, step, rank)``, so random layers (dropout) draw the same after a resume.
     """
-    from sftlens.data.prompts import format_chat, format_question, format_target
+    from sftlens.data.prompts import format_prompt, format_target
 
     def prompt_of(q: str) -> str:
-        return format_chat(tok, q) if cfg.prompt_format == "chat" else format_question(q)
+        return format_prompt(tok, q, cfg.prompt_format)
 
     rank, world, device = accel.process_index, accel.num_processes, accel.device
     # all of them (frozen ones have no gradient and are skipped): accelerate clips an FSDP model

@@ -41,6 +41,7 @@ __all__ = [
     "LoraPlan",
     "apply_lora",
     "budget_rank",
+    "check_adapted",
     "lora_dw_rows",
     "plan_lora",
     "target_projs",
@@ -179,7 +180,7 @@ def apply_lora(model: nn.Module, plan: LoraPlan) -> Any:
     disable = getattr(surgery._unwrap(peft_model), "disable_input_require_grads", None)
     if callable(disable):
         disable()
-    _check_adapted(peft_model, plan)
+    check_adapted(peft_model, plan)
     return peft_model
 
 
@@ -188,7 +189,8 @@ def _lora_module(block: nn.Module, name: str) -> Any:
     return module if hasattr(module, "lora_A") and ADAPTER in module.lora_A else None
 
 
-def _check_adapted(model: nn.Module, plan: LoraPlan) -> None:
+def check_adapted(model: nn.Module, plan: LoraPlan) -> None:
+    """Refuse a PEFT model whose LoRA modules are not exactly the plan's, or that trains more."""
     blocks = surgery.get_blocks(model)
     adapted = {
         (i, name)

@@ -182,10 +182,12 @@ def _save(
     opt: Any = None,
     sched: Any = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    record: str = "sftlens_sft.json",
 ) -> None:
     """Save model + tokenizer (+ optimizer) into ``folder`` through a temp folder and rename.
 
     ``state_dict``: the gathered full weights of an FSDP run (else the model's own).
+    ``record``: the file of the final folder that holds ``state["config"]``.
     ``trainer_state.json`` is written last: its presence marks a complete save.
     """
     if folder.name.startswith("checkpoint-"):
@@ -206,4 +208,4 @@ def _save(
     model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     tok.save_pretrained(folder)
     atomic_write_json(folder / "trainer_state.json", state)
-    atomic_write_json(folder / "sftlens_sft.json", state["config"])
+    atomic_write_json(folder / record, state["config"])
