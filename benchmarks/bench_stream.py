@@ -259,6 +259,11 @@ def run_child(a, variant: str, base: Path, sft: Path, out: Path, cap: int | None
     shutil.rmtree(out, ignore_errors=True)  # a finished run folder would be resumed, not rerun
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": str(a.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=preexec)
+    if proc.returncode < 0:  # e.g. SIGKILL from the cgroup's out-of-memory killer
+        why = f"killed by signal {-proc.returncode}"
+        if -proc.returncode == 9 and cap:
+            why += f" (out of memory under the {cap / 2**30:.2f} GiB cap)"
+        return {"variant": variant, "failed": why}
     if proc.returncode != 0:
         return {"variant": variant, "failed": proc.stderr.strip().splitlines()[-1:] or ["?"]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
