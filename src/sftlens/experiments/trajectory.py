@@ -576,9 +576,17 @@ def trajectory_points(cfg: TrajectoryConfig) -> list[Point]:
 
     named = expand_checkpoints(cfg.checkpoints)
     steps = stage_steps([s for _, s in named])
-    for (name, raw), step in zip(named, steps):
-        if raw is not None and step != raw:
-            log.info("%s: its step %d restarts the count (a new stage): step %d", name, raw, step)
+    offset = 0
+    for i, ((name, raw), step) in enumerate(zip(named, steps)):
+        if raw is not None and step - raw != offset:
+            offset = step - raw
+            log.info(
+                "%s starts a new stage (its step %d after step %d): its steps count on from %d",
+                name,
+                raw,
+                steps[i - 1],
+                offset,
+            )
     return [
         Point(name, resolve_model(name, allow_pickle=cfg.allow_pickle), step)
         for (name, _), step in zip(named, steps)
