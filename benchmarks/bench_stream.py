@@ -204,8 +204,8 @@ def child(a: argparse.Namespace) -> dict:
         models = []
         for i, folder in enumerate((base, sft)):
             kw = {"offload_folder": str(Path(a.child_out) / f"offload{i}")}
-            if int(a.child_cap):  # each model may hold 30% of the cap; the rest waits on disk
-                kw["max_memory"] = {"cpu": int(a.child_cap) * 3 // 10}
+            if int(a.child_cap):  # each model may hold this share of the cap; the rest on disk
+                kw["max_memory"] = {"cpu": int(int(a.child_cap) * a.offload_share)}
             models.append(
                 AutoModelForCausalLM.from_pretrained(
                     folder, dtype=torch.float32, device_map="auto", **kw
@@ -256,6 +256,7 @@ def run_child(a, variant: str, base: Path, sft: Path, out: Path, cap: int | None
     cmd += ["--child-sft", str(sft), "--child-out", str(out), "--data", a.data]
     cmd += ["--prompts", str(a.prompts), "--batch-size", str(a.batch_size)]
     cmd += ["--max-length", str(a.max_length), "--child-cap", str(cap or 0)]
+    cmd += ["--offload-share", str(a.offload_share)]
     shutil.rmtree(out, ignore_errors=True)  # a finished run folder would be resumed, not rerun
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": str(a.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=preexec)
@@ -291,6 +292,13 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every child")
     p.add_argument("--variants", nargs="+", default=["stream", "offload", "fits"])
+    p.add_argument(
+        "--offload-share",
+        type=float,
+        default=0.3,
+        help="(b): accelerate's max_memory per model as a share of the cap (the rest is offloaded "
+        "to disk); accelerate's process needs well over twice this, lower it when (b) is killed",
+    )
     p.add_argument("--json", type=Path)
     for hidden in ("--child", "--child-base", "--child-sft", "--child-out", "--child-cap"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
