@@ -138,7 +138,7 @@ def test_checkpoint_folders_are_ordered_by_step_not_name(chain, tmp_path):
     assert got[-1][0] == str(folder)
 
 
-def test_a_later_stage_counts_its_steps_on_from_the_stage_before(chain, tmp_path):
+def test_a_later_phase_counts_its_steps_on_from_the_phase_before(chain, tmp_path):
     """SFT checkpoints then a DPO model whose own trainer counts from 0 again."""
     _, ckpts = chain
     folder = _checkpoint_folder(tmp_path / "sft", ckpts[:2], [8, 16])
@@ -151,9 +151,10 @@ def test_a_later_stage_counts_its_steps_on_from_the_stage_before(chain, tmp_path
         out=str(tmp_path / "out"),
         **OPTS,
     )
-    assert [p.step for p in trajectory.trajectory_points(cfg)] == [8, 16, 26]
-    assert trajectory.stage_steps([5, 5, 0, None]) == [5, 10, 11, 14]
-    assert trajectory.stage_steps([3, 7]) == [3, 7]
+    points = trajectory.trajectory_points(cfg)
+    assert [(p.step, p.phase) for p in points] == [(8, 0), (16, 0), (26, 1)]
+    assert trajectory.phase_steps([5, 5, 0, None]) == [5, 10, 11, 14]
+    assert trajectory.phase_steps([3, 7]) == [3, 7]
 
 
 def test_base_runs_once_per_batch_and_groups_change_no_number(

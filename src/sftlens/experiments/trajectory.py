@@ -61,11 +61,14 @@ HALF_CHANGE = ("dw_block", "dw_attn", "dw_mlp", "cka_std")
 
 @dataclass(frozen=True)
 class Point:
-    """One checkpoint of the trajectory: its name as given, its model folder, its step."""
+    """One checkpoint of the trajectory: its name as given, its model folder, its step, and its
+    training phase (0, then 1 after the first checkpoint whose own step restarts: DPO after
+    SFT; see :func:`phase_steps`)."""
 
     name: str
     path: Path
     step: int
+    phase: int = 0
 
 
 def read_step(folder: Path) -> int | None:
@@ -250,7 +253,7 @@ def summarize(rows: Sequence[Row], points: Sequence[Point], num_layers: int) -> 
                 }
         stages.append(stage)
     return {
-        "checkpoints": [{"checkpoint": p.name, "step": p.step} for p in points],
+        "checkpoints": [{"checkpoint": p.name, "step": p.step, "phase": p.phase} for p in points],
         "half_change_step": half,
         "most_moved_per_stage": stages,
     }
@@ -340,7 +343,8 @@ def run_trajectory(cfg: TrajectoryConfig, run: Any = None) -> Path:
     base_reader.close()
     from sftlens.reporting.plots import plot_half_change, plot_trajectory
 
-    plot_trajectory(rows, run.path / "plots")
+    starts = [p.step for i, p in enumerate(points) if i and p.phase != points[i - 1].phase]
+    plot_trajectory(rows, run.path / "plots", phase_starts=starts)
     plot_half_change(
         run.summary().get("trajectory", {}), run.path / "plots" / "trajectory_half_change.png"
     )
@@ -546,15 +550,15 @@ def report_section(
     return ("Training trajectory (when did each layer move)", body)
 
 
-def stage_steps(steps: Sequence[int | None]) -> list[int]:
-    """Steps along a chain of training stages: a checkpoint whose own step does not exceed the
-    one before it starts a new stage (e.g. DPO after SFT, whose trainer counts from 0 again),
-    and its step is counted on from the previous stage's last step. A missing step is the
+def phase_steps(steps: Sequence[int | None]) -> list[int]:
+    """Steps along a chain of training phases: a checkpoint whose own step does not exceed the
+    one before it starts a new phase (e.g. DPO after SFT, whose trainer counts from 0 again),
+    and its step is counted on from the previous phase's last step. A missing step is the
     checkpoint's position in the list.
 
-    >>> stage_steps([8, 16, 24, 10, 20])  # SFT to step 24, then DPO steps 10, 20
+    >>> phase_steps([8, 16, 24, 10, 20])  # SFT to step 24, then DPO steps 10, 20
     [8, 16, 24, 34, 44]
-    >>> stage_steps([None, None, 5])
+    >>> phase_steps([None, None, 5])
     [1, 2, 5]
     """
     out: list[int] = []
@@ -575,21 +579,22 @@ def trajectory_points(cfg: TrajectoryConfig) -> list[Point]:
     from sftlens.models.loading import resolve_model
 
     named = expand_checkpoints(cfg.checkpoints)
-    steps = stage_steps([s for _, s in named])
-    offset = 0
+    steps = phase_steps([s for _, s in named])
+    offset, phase, phases = 0, 0, []
     for i, ((name, raw), step) in enumerate(zip(named, steps)):
         if raw is not None and step - raw != offset:
-            offset = step - raw
+            offset, phase = step - raw, phase + 1
             log.info(
-                "%s starts a new stage (its step %d after step %d): its steps count on from %d",
+                "%s starts a new training phase (its step %d after step %d): its steps count on from %d",
                 name,
                 raw,
                 steps[i - 1],
                 offset,
             )
+        phases.append(phase)
     return [
-        Point(name, resolve_model(name, allow_pickle=cfg.allow_pickle), step)
-        for (name, _), step in zip(named, steps)
+        Point(name, resolve_model(name, allow_pickle=cfg.allow_pickle), step, phase)
+        for (name, _), step, phase in zip(named, steps, phases)
     ]
 
 
@@ -599,10 +604,10 @@ __all__ = [
     "change_values",
     "expand_checkpoints",
     "half_change_step",
+    "phase_steps",
     "plan_groups",
     "read_trajectory_csv",
     "run_trajectory",
-    "stage_steps",
     "summarize",
     "trajectory_points",
 ]

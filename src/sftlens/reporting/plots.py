@@ -418,10 +418,13 @@ def plot_sweep(rows: Sequence[Row], path: str | Path, metric: str = "answer_nll"
     return _save(fig, path)
 
 
-def plot_trajectory(rows: Sequence[Row], plots_dir: str | Path) -> list[Path]:
+def plot_trajectory(
+    rows: Sequence[Row], plots_dir: str | Path, phase_starts: Sequence[int] = ()
+) -> list[Path]:
     """Layer x checkpoint heatmaps (one PNG per ``against``: ``trajectory_base.png``,
     ``trajectory_previous.png``) of ``dw_attn``, ``dw_mlp``, ``cka_std`` and the SFT side's
-    ``prompt_entropy_norm``, from ``trajectory.csv`` rows."""
+    ``prompt_entropy_norm``, from ``trajectory.csv`` rows; a white line before each step in
+    ``phase_starts`` (where a later training phase, e.g. DPO after SFT, begins)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -464,6 +467,9 @@ def plot_trajectory(rows: Sequence[Row], plots_dir: str | Path) -> list[Path]:
                 interpolation="nearest",
             )
             ax.set_title(name, fontsize=9)
+            for i, (_, step) in enumerate(points):
+                if i and step in phase_starts:
+                    ax.axvline(i - 0.5, color="white", linewidth=2)
             ax.set_xticks(range(len(points)))
             ax.set_xticklabels([str(s) for _, s in points], fontsize=7, rotation=45)
             ax.set_yticks(range(len(layers)))
