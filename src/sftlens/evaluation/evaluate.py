@@ -202,9 +202,13 @@ class Problems:
     def problem_hashes(self) -> list[str]:
         """Per problem: a hash of the problem and its prompt ids (a stored record is reused for
         problem ``i`` only while its hash, and :meth:`shared_inputs`, are unchanged)."""
-        return [
-            config_hash([dataclasses.asdict(e), ids]) for e, ids in zip(self.examples, self.ids)
-        ]
+        return problem_hashes(self.examples, self.ids)
+
+
+def problem_hashes(examples: Sequence[Example], ids: Sequence[Sequence[int]]) -> list[str]:
+    """One hash per problem of the problem and its prompt ids (the per-record key of
+    :func:`reusable_predictions`)."""
+    return [config_hash([dataclasses.asdict(e), x]) for e, x in zip(examples, ids)]
 
 
 def load_problems(
@@ -557,20 +561,33 @@ def reusable_predictions(path: Path, state: Path, key: str, hashes: Sequence[str
     return done
 
 
-def check_context(model_dir: Path, tok: Any, problems: Problems, teacher_forced: bool) -> None:
-    """Refuse prompts (plus new tokens, or plus gold answers) longer than the model's context."""
+def check_generation_fits(
+    model_dir: Path, ids: Sequence[Sequence[int]], max_new_tokens: int, fix: str
+) -> int | None:
+    """Refuse prompts that, plus ``max_new_tokens``, exceed the model's context (``fix`` ends
+    the message); returns the context length (None: unknown, or no prompts)."""
     from transformers import AutoConfig
 
-    task, ids, examples = problems.task, problems.ids, problems.examples
     limit = _context_length(AutoConfig.from_pretrained(model_dir))
     if limit is None or not ids:
-        return
+        return None
     longest = max(len(x) for x in ids)
-    if longest + task.max_new_tokens > limit:
+    if longest + max_new_tokens > limit:
         raise SftlensError(
-            f"the longest prompt ({longest} tokens) plus --max-new-tokens {task.max_new_tokens} "
-            f"exceeds the model's context of {limit} tokens; lower --max-new-tokens or --shots"
+            f"the longest prompt ({longest} tokens) plus --max-new-tokens {max_new_tokens} "
+            f"exceeds the model's context of {limit} tokens; {fix}"
         )
+    return limit
+
+
+def check_context(model_dir: Path, tok: Any, problems: Problems, teacher_forced: bool) -> None:
+    """Refuse prompts (plus new tokens, or plus gold answers) longer than the model's context."""
+    task, ids, examples = problems.task, problems.ids, problems.examples
+    limit = check_generation_fits(
+        model_dir, ids, task.max_new_tokens, fix="lower --max-new-tokens or --shots"
+    )
+    if limit is None:
+        return
     if teacher_forced:
         extra = 1 if tok.eos_token_id is not None else 0
         need = max(

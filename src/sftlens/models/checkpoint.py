@@ -9,6 +9,7 @@ GGUF files are first resolved to their cached safetensors conversion
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -19,6 +20,8 @@ from typing import Any
 import torch
 
 from sftlens.errors import SftlensError
+
+log = logging.getLogger("sftlens.checkpoint")
 
 _DTYPES = {
     "F64": torch.float64,
@@ -199,3 +202,16 @@ def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
         if m and (path / "trainer_state.json").is_file():
             found.append((int(m.group(1)), path))
     return sorted(found)
+
+
+def remove_stale_checkpoints(folder: str | Path) -> None:
+    """Remove the ``checkpoint-STEP`` folders (and killed ``.tmp`` saves) an earlier run left in
+    ``folder``: a new run's snapshots must not join another run's trajectory."""
+    import shutil
+
+    folder = Path(folder)
+    stale = [p for _, p in list_checkpoints(folder)] + list(folder.glob("checkpoint-*.tmp"))
+    if stale:
+        log.warning("removing %d checkpoint folder(s) of an earlier run in %s", len(stale), folder)
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)

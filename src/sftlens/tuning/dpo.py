@@ -42,7 +42,7 @@ import torch
 from sftlens.config import DpoConfig
 from sftlens.errors import SftlensError
 from sftlens.io import config_hash, read_json
-from sftlens.models.checkpoint import list_checkpoints
+from sftlens.models.checkpoint import remove_stale_checkpoints
 from sftlens.tuning import lora
 from sftlens.tuning.loop import config_key, peak_memory_mb, reset_peak_memory, world_size
 from sftlens.tuning.preference import SampleJob, build_pairs, collect_samples, write_pairs
@@ -60,7 +60,7 @@ def run_dpo(cfg: DpoConfig) -> Path:
     """Make the pairs, run DPO and return the output folder (see module doc)."""
     from sftlens.data import resolve_dataset
     from sftlens.data.prompts import format_prompt
-    from sftlens.evaluation.evaluate import encode_prompt, load_tokenizer
+    from sftlens.evaluation.evaluate import check_generation_fits, encode_prompt, load_tokenizer
     from sftlens.evaluation.task import GSM8KTask
     from sftlens.models.loading import load_model, resolve_device, resolve_model
     from sftlens.run import fingerprint, make_out_folder
@@ -100,7 +100,7 @@ def run_dpo(cfg: DpoConfig) -> Path:
         stop_strings=stop_strings,
         stop_ids=stop_ids,
     )
-    _check_context(model_dir, job)
+    check_generation_fits(model_dir, job.ids, job.max_new_tokens, fix="lower --max-new-tokens")
     model_files = fingerprint(model_dir)["files"]
 
     def sampler() -> Any:
@@ -149,7 +149,7 @@ def run_dpo(cfg: DpoConfig) -> Path:
     ):
         log.info("DPO already finished in %s (same model, pairs and options): reusing it", out)
         return out
-    _remove_stale(out)
+    remove_stale_checkpoints(out)
 
     from sftlens.tuning.sft import _save
 
@@ -205,29 +205,6 @@ def run_dpo(cfg: DpoConfig) -> Path:
         _save(final, tok, out, state, record=RECORD)
     shutil.rmtree(out / _TRL_DIR, ignore_errors=True)
     return out
-
-
-def _check_context(model_dir: Path, job: SampleJob) -> None:
-    from transformers import AutoConfig
-
-    from sftlens.evaluation.evaluate import _context_length
-
-    limit = _context_length(AutoConfig.from_pretrained(model_dir))
-    longest = max(len(x) for x in job.ids)
-    if limit is not None and longest + job.max_new_tokens > limit:
-        raise SftlensError(
-            f"the longest prompt ({longest} tokens) plus --max-new-tokens {job.max_new_tokens} "
-            f"exceeds the model's context of {limit} tokens; lower --max-new-tokens"
-        )
-
-
-def _remove_stale(out: Path) -> None:
-    """Snapshots of another run must not join this one's (as ``sft`` does)."""
-    stale = [p for _, p in list_checkpoints(out)] + list(out.glob("checkpoint-*.tmp"))
-    if stale:
-        log.warning("removing %d checkpoint folder(s) of an earlier run in %s", len(stale), out)
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _merged(model: Any, copy_first: bool, use_cache: bool | None) -> Any:

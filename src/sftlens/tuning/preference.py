@@ -36,6 +36,7 @@ from sftlens.data.prompts import format_target
 from sftlens.evaluation.evaluate import (
     append_records,
     jsonl_line,
+    problem_hashes,
     reusable_predictions,
     score_completion,
 )
@@ -150,9 +151,7 @@ class SampleJob:
         )
 
     def problem_hashes(self) -> list[str]:
-        return [
-            config_hash([dataclasses.asdict(e), ids]) for e, ids in zip(self.examples, self.ids)
-        ]
+        return problem_hashes(self.examples, self.ids)
 
 
 def collect_samples(

@@ -25,7 +25,10 @@ import torch
 
 from sftlens.config import SFTConfig
 from sftlens.io import atomic_write_json, read_json
-from sftlens.models.checkpoint import list_checkpoints  # moved there; importable from here
+from sftlens.models.checkpoint import (  # list_checkpoints moved there; importable from here
+    list_checkpoints,
+    remove_stale_checkpoints,
+)
 
 # the shared pieces, importable from here as before
 from sftlens.tuning.loop import (
@@ -110,13 +113,8 @@ def train_sft(cfg: SFTConfig) -> Path:
     if ckpt is not None and uses_fsdp(accel):  # its optimizer state is a whole model's
         log.warning("FSDP: not resuming from %s (saved without FSDP); starting over", ckpt)
         ckpt = None
-    if ckpt is None and accel.is_main_process:
-        # snapshots of another config (or killed saves) must not join this run's trajectory
-        stale = [p for _, p in list_checkpoints(out)] + list(out.glob("checkpoint-*.tmp"))
-        if stale:
-            log.warning("removing %d checkpoint folder(s) of an earlier run in %s", len(stale), out)
-        for path in stale:
-            shutil.rmtree(path, ignore_errors=True)
+    if ckpt is None and accel.is_main_process:  # snapshots of another config, killed saves
+        remove_stale_checkpoints(out)
     accel.wait_for_everyone()
     torch.manual_seed(cfg.seed)
     model, tok = load_model(ckpt or model_dir, dtype=cfg.dtype, device=load_device(accel))
