@@ -22,10 +22,12 @@ bench: setup
 # measured on 2 busy shared cores (mutation/baseline.md). A rerun resumes from ./mutants and
 # retests only the functions whose source changed, not survivors that a new test may now kill:
 # name them, e.g. make mutate MUTANTS='sftlens.run.*' (or rm -rf mutants to start over).
-# One torch thread per mutant worker: more threads oversubscribe the cores.
+# One torch thread per mutant worker: more threads oversubscribe the cores. mutmut runs the tests
+# from its copy in ./mutants, so the GSM8K folder beside the repository is passed by its path.
 MUTANTS ?=
 mutate:
 	@bash scripts/setup.sh dev,mutate
+	SFTLENS_GSM8K_DIR=$${SFTLENS_GSM8K_DIR:-$(abspath ../shared/data/gsm8k)} \
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/mutmut run $(MUTANTS)
 	.venv/bin/python scripts/mutation_score.py
 

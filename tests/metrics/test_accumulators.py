@@ -249,6 +249,44 @@ def test_prompt_entropy_batched_equals_per_prompt(preset, alpha, side):
         assert got[k] == pytest.approx(want[k], rel=1e-10, abs=1e-12), k
 
 
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_prompt_entropy_solved_in_background_equals_in_line(preset, monkeypatch):
+    """background=True (what a GPU pass does) gives the in-line sums bit for bit: the batches'
+    sums are added in submission order, also when the in-flight bound forces an early wait,
+    and a checkpoint taken mid-pass holds every batch fed so far."""
+    monkeypatch.setattr(accumulators, "_MAX_PENDING", 2)
+    g = torch.Generator().manual_seed(5)
+    batches = []
+    for b in range(6):
+        h = torch.randn(3, 20, 8, generator=g) * (1 + b)
+        mask = torch.ones(3, 20, dtype=torch.bool)
+        mask[0, 13:] = mask[2, 4:] = False
+        batches.append((h, mask))
+    inline, background = PromptEntropy(preset=preset), PromptEntropy(preset=preset, background=True)
+    for i, (h, mask) in enumerate(batches):
+        inline.update_batch(h, mask)
+        background.update_batch(h, mask)
+        if i == 3:  # a checkpoint: nothing still in flight may be missing from it
+            for k, v in background.state_dict().items():
+                assert torch.equal(v, inline.state_dict()[k]), k
+            resumed = PromptEntropy(preset=preset, background=True)
+            resumed.load_state_dict(background.state_dict())
+    for h, mask in batches[4:]:
+        resumed.update_batch(h, mask)
+    assert background._pending, "nothing ran in the background"
+    assert background.compute() == inline.compute() == resumed.compute()
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_prompt_entropy_nan_states_are_a_clear_error(background):
+    h, mask = torch.randn(2, 5, 4), torch.ones(2, 5, dtype=torch.bool)
+    h[1, 2, 0] = float("nan")
+    acc = PromptEntropy(background=background)
+    with pytest.raises(SftlensError, match="h contains NaN or inf"):
+        acc.update_batch(h, mask)
+        acc.compute()  # a background solve reports when its sums are read
+
+
 def _np_std_cka(x: np.ndarray, y: np.ndarray) -> float:
     """CKA of z-scored features (population std), constant columns removed: numpy float64."""
     x, y = x[:, np.ptp(x, axis=0) > 0], y[:, np.ptp(y, axis=0) > 0]

@@ -13,6 +13,10 @@ even with massive-activation features; on a GPU with slow float64 (consumer card
 
 from __future__ import annotations
 
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -36,7 +40,8 @@ from sftlens.metrics.information import (
     alpha_entropy_rows,
     dataset_entropy,
     erank_from_singular_values,
-    masked_gram_eigenvalues,
+    gram_spectrum,
+    masked_gram,
     matrix_entropy,
     normalize_entropy,
 )
@@ -233,14 +238,23 @@ class PromptEntropy(_Accumulator):
     _state = ("raw_sum", "norm_sum", "count")
 
     def __init__(
-        self, alpha: float = 1.0, preset: Preset = "default", *, device: Device = None
+        self,
+        alpha: float = 1.0,
+        preset: Preset = "default",
+        *,
+        device: Device = None,
+        background: bool | None = None,
     ) -> None:
+        """``background``: solve :meth:`update_batch`'s Grams on a host thread (default: when
+        they are on a GPU, the one case where it pays)."""
         super().__init__(device)
+        self.background = background
         alpha_entropy_from_eigenvalues(torch.ones(1), alpha)  # raises now on a bad alpha
         if preset not in ("default", "paper"):
             raise SftlensError(f"unknown entropy preset {preset!r}; use 'default' or 'paper'")
         self.alpha, self.preset = alpha, preset
         self.raw_sum, self.norm_sum, self.count = self._zeros(), self._zeros(), self._zeros()
+        self._pending: deque[Future[tuple[Tensor, Tensor]]] = deque()
 
     def update(self, z: Tensor) -> None:
         """Add one prompt: its real tokens at one layer, (n_tokens, d)."""
@@ -253,26 +267,93 @@ class PromptEntropy(_Accumulator):
         """Add every prompt of a padded batch at once: ``h`` (B, T, d), ``mask`` (B, T) real tokens.
 
         Same values as :meth:`update` on each prompt's real rows, with one batched
-        eigendecomposition instead of B (padding adds exact zero eigenvalues).
+        eigendecomposition instead of B (padding adds exact zero eigenvalues). On a GPU the
+        Grams are built there and solved on the host, in a background thread while the GPU
+        runs on (see :func:`~sftlens.metrics.information.gram_spectrum` for why); the sums are
+        added in submission order, so the result does not depend on thread timing.
         """
         mask = mask.bool()
         if self.preset == "default":
-            lam = masked_gram_eigenvalues(h, mask, center=True)
+            gram = masked_gram(h, mask, center=True)
         else:
-            lam = masked_gram_eigenvalues(h, mask, center=False, ridge=PAPER_RIDGE, scale_by_d=True)
-        raw = alpha_entropy_rows(lam, self.alpha)  # (B,)
+            gram = masked_gram(h, mask, center=False, ridge=PAPER_RIDGE, scale_by_d=True)
         m = torch.clamp(mask.sum(-1).to(torch.float64), max=h.shape[-1])  # min(n_b, d)
-        norm = torch.where(m > 1, raw / m.clamp_min(2.0).log(), torch.zeros_like(raw))
-        self.raw_sum += raw.sum().to(self.device)
-        self.norm_sum += norm.sum().to(self.device)
+        if not (gram.is_cuda if self.background is None else self.background):
+            self._add(*self._sums(gram, m))
+        else:
+            ready = None
+            if gram.is_cuda:  # copy to pinned host memory without waiting for the GPU
+                host = torch.empty(gram.shape, dtype=gram.dtype, pin_memory=True)
+                host_m = torch.empty(m.shape, dtype=m.dtype, pin_memory=True)
+                gram, m = host.copy_(gram, non_blocking=True), host_m.copy_(m, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+            self._pending.append(_host_pool().submit(self._sums, gram.cpu(), m.cpu(), ready))
+            while len(self._pending) > _MAX_PENDING:  # bound the host memory held
+                self._add(*self._pending.popleft().result())
         self.count += h.shape[0]
 
+    def _sums(
+        self, gram: Tensor, m: Tensor, ready: torch.cuda.Event | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(sum of raw entropies, sum of normalised ones) of a batch of Grams."""
+        if ready is not None:
+            ready.synchronize()  # the non-blocking copy to the host has landed
+        if not bool(torch.isfinite(gram.sum())):  # the solver's own error would not say why
+            raise SftlensError(
+                "h contains NaN or inf (real tokens); run the model in float32/bfloat16 instead "
+                "of float16 or check its inputs"
+            )
+        raw = alpha_entropy_rows(gram_spectrum(gram), self.alpha)  # (B,)
+        norm = torch.where(m > 1, raw / m.clamp_min(2.0).log(), torch.zeros_like(raw))
+        return raw.sum(), norm.sum()
+
+    def _add(self, raw: Tensor, norm: Tensor) -> None:
+        self.raw_sum += raw.to(self.device)
+        self.norm_sum += norm.to(self.device)
+
+    def _drain(self) -> None:
+        """Add the sums of every batch still being solved on the host, in order."""
+        while self._pending:
+            self._add(*self._pending.popleft().result())
+
+    def state_dict(self) -> dict[str, Tensor]:
+        self._drain()
+        return super().state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self._drain()
+        super().load_state_dict(state)
+
+    def to_(self, device: Device) -> None:
+        self._drain()
+        super().to_(device)
+
+    def all_reduce_(self) -> None:
+        self._drain()
+        super().all_reduce_()
+
     def compute(self) -> dict[str, float]:
+        self._drain()
         n = self._count()
         return {
             "prompt_entropy": float(self.raw_sum) / n,
             "prompt_entropy_norm": float(self.norm_sum) / n,
         }
+
+
+#: batches of Grams a GPU pass may have in flight to the host solvers before it waits
+_MAX_PENDING = 64
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _host_pool() -> ThreadPoolExecutor:
+    """The threads that solve GPU Grams on the host (LAPACK releases the GIL)."""
+    global _POOL
+    if _POOL is None:
+        workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+        _POOL = ThreadPoolExecutor(workers, thread_name_prefix="sftlens-eigh")
+    return _POOL
 
 
 class PooledRows(_Accumulator):
@@ -295,7 +376,10 @@ class PooledRows(_Accumulator):
         self._rows: list[Tensor] = []
 
     def to_(self, device: Device) -> None:
-        """No-op: the pooled rows grow with the dataset and stay in host memory."""
+        """The rows stay in host memory (they grow with the dataset); :meth:`compute` and
+        :meth:`cka` do their linear algebra on ``device`` (the pass's: on a GPU each layer's
+        eigensolve and SVD of the (n_prompts, d) rows is far quicker than on the host)."""
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
 
     def update(self, rows: Tensor) -> None:
         """Add pooled vectors, (P, d) or one (d,)."""
@@ -309,7 +393,7 @@ class PooledRows(_Accumulator):
     @property
     def rows(self) -> Tensor:
         """All pooled rows so far, (n_prompts, d) float64."""
-        return torch.cat(self._rows) if self._rows else self._zeros(0, self.d)
+        return torch.cat(self._rows) if self._rows else torch.zeros(0, self.d, dtype=torch.float64)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"rows": self.rows}
@@ -327,7 +411,7 @@ class PooledRows(_Accumulator):
     def compute(self, alpha: float = 1.0, preset: Preset = "default") -> dict[str, float]:
         """Dataset entropy (raw and normalised, :func:`dataset_entropy` of ``preset``) and
         effective rank (both variants, centred)."""
-        z = self.rows
+        z = self.rows.to(self.device)
         if z.shape[0] == 0:
             raise SftlensError(
                 "PooledRows.compute() called before any update; feed at least one prompt"
@@ -343,7 +427,8 @@ class PooledRows(_Accumulator):
 
     def cka(self, other: PooledRows, *, unbiased: bool = False) -> float:
         """Pooled CKA between these rows (base) and ``other``'s (SFT), prompt by prompt."""
-        return float((unbiased_cka if unbiased else linear_cka)(self.rows, other.rows))
+        x, y = self.rows.to(self.device), other.rows.to(self.device)
+        return float((unbiased_cka if unbiased else linear_cka)(x, y))
 
 
 class AttentionStats(_Accumulator):

@@ -96,6 +96,7 @@ def masked_gram_eigenvalues(
     ``z`` is (B, T, d) and ``mask`` (B, T) marks real rows; padded rows are zeroed after centring
     (over real rows only), so they add exact zero eigenvalues, which change no entropy. Returns
     (B, m) float64 with ``m = min(T, d)`` (``T`` with a ridge, which goes on real rows only).
+    :func:`masked_gram` then :func:`gram_spectrum`.
 
     Example:
         >>> z = torch.eye(3).expand(2, 3, 3).clone()
@@ -103,6 +104,21 @@ def masked_gram_eigenvalues(
         >>> masked_gram_eigenvalues(z, mask, center=False)
         tensor([[0.3333, 0.3333, 0.3333],
                 [0.5000, 0.5000, 0.0000]], dtype=torch.float64)
+    """
+    gram = masked_gram(z, mask, center=center, ridge=ridge, scale_by_d=scale_by_d)
+    return gram_spectrum(gram.cpu() if gram.is_cuda else gram).to(gram.device)
+
+
+def masked_gram(
+    z: Tensor, mask: Tensor, *, center: bool = True, ridge: float = 0.0, scale_by_d: bool = False
+) -> Tensor:
+    """The (B, m, m) float64 Grams of :func:`masked_gram_eigenvalues`, before the eigensolve.
+
+    Example:
+        >>> z = torch.tensor([[[3.0, 4.0], [9.0, 9.0]]])  # (B=1, T=2, d=2); the 2nd row is padding
+        >>> masked_gram(z, torch.tensor([[True, False]]), center=False)  # rows scaled to norm 1
+        tensor([[[1., 0.],
+                 [0., 0.]]], dtype=torch.float64)
     """
     if not ridge >= 0.0:
         raise SftlensError(
@@ -124,6 +140,21 @@ def masked_gram_eigenvalues(
         gram = gram / d
     if ridge > 0.0:
         gram = gram + ridge * torch.diag_embed(real.squeeze(-1))
+    return gram
+
+
+def gram_spectrum(gram: Tensor) -> Tensor:
+    """Each (B, m, m) Gram's eigenvalues, descending and summing to 1 -> (B, m) float64.
+
+    Rounding noise (below ``m * eps * largest``) becomes an exact 0; a Gram with no spread at
+    all (every eigenvalue 0) gives ``[1, 0, ...]``. On a GPU pass a host copy: cuSOLVER solves a
+    float64 batch of matrices larger than 32 x 32 one matrix at a time (``syevd`` in a loop),
+    about two orders of magnitude slower than LAPACK on the host for a prompt's Gram.
+
+    Example:
+        >>> gram_spectrum(torch.tensor([[[2.0, 0.0], [0.0, 6.0]]], dtype=torch.float64))
+        tensor([[0.7500, 0.2500]], dtype=torch.float64)
+    """
     eig = torch.linalg.eigvalsh(gram).flip(-1)  # (B, m) descending
     tol = eig.shape[-1] * torch.finfo(torch.float64).eps * eig[:, :1].clamp_min(0.0)
     eig = torch.where(eig > tol, eig, torch.zeros_like(eig))  # rounding noise -> exact 0
