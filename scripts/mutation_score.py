@@ -140,13 +140,16 @@ def _kind(old: str, new: str) -> str:
 
 
 def read_equivalent(path: Path) -> dict[str, str]:
-    if not path.is_file():
-        return {}
+    """The reasons in ``path``, and in its siblings ``<stem>-*.md`` (one file per module group,
+    e.g. mutation/equivalent-tuning.md, so that parallel edits do not collide)."""
     reasons: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        match = _ENTRY.match(line)
-        if match:
-            reasons[match.group(1)] = match.group(2)
+    for file in [path, *sorted(path.parent.glob(f"{path.stem}-*.md"))]:
+        if not file.is_file():
+            continue
+        for line in file.read_text().splitlines():
+            match = _ENTRY.match(line)
+            if match:
+                reasons[match.group(1)] = match.group(2)
     return reasons
 
 
@@ -170,7 +173,9 @@ def score(c: Counter[str]) -> str:
     return f"{caught}/{c['total']} = {100 * caught / c['total']:.1f}%" if c["total"] else "-"
 
 
-def report(mutants: list[Mutant], reasons: dict[str, str], markdown: bool) -> str:
+def report(
+    mutants: list[Mutant], reasons: dict[str, str], markdown: bool, names: bool = False
+) -> str:
     out: list[str] = []
     head = ("module", *COLUMNS, "total", "score")
     rows = [
@@ -198,7 +203,8 @@ def report(mutants: list[Mutant], reasons: dict[str, str], markdown: bool) -> st
     def line(m: Mutant) -> str:
         where = f"{m.path}:{m.line}" if m.line else m.path
         change = f" [{m.kind}] `{m.old}` -> `{m.new}`" if m.line else ""
-        return f"- {m.function} #{m.number} ({where}){change}"
+        name = f" {m.name}" if names else ""
+        return f"- {m.function} #{m.number}{name} ({where}){change}"
 
     out += ["", f"Survivors to answer (a test, or a reason in mutation/equivalent.md): {len(todo)}"]
     for module in sorted({m.module for m in todo}):
@@ -224,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print Markdown")
     parser.add_argument("--no-diff", action="store_true", help="skip the changed line per survivor")
     parser.add_argument("--equivalent", type=Path, default=EQUIVALENT, help="survivor reasons")
+    parser.add_argument("--names", action="store_true", help="print each survivor's mutmut name")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     if not Path("mutants").is_dir():
@@ -233,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     if not mutants:
         print("no mutmut results under ./mutants: run `make mutate` first", file=sys.stderr)
         return 2
-    print(report(mutants, read_equivalent(args.equivalent), args.markdown))
+    print(report(mutants, read_equivalent(args.equivalent), args.markdown, args.names))
     return 0
 
 
