@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 GSM8K_DIR = REPO.parent / "shared" / "data" / "gsm8k"
@@ -22,6 +23,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # load). Set OMP_NUM_THREADS to override; subprocesses (torchrun) inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+# tqdm's monitor thread takes tqdm's write lock now and then; a process forked at that moment
+# (mutmut forks one per mutant from this process) waits on the lock forever
+tqdm.monitor_interval = 0
 
 
 from tiny_models import perturb, save_model, tiny_llama_config  # noqa: E402

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import doctest
 import itertools
+import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -285,6 +288,29 @@ def test_prompt_entropy_nan_states_are_a_clear_error(background):
     with pytest.raises(SftlensError, match="h contains NaN or inf"):
         acc.update_batch(h, mask)
         acc.compute()  # a background solve reports when its sums are read
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_prompt_entropy_in_background_works_in_a_forked_child():
+    """A process forked after the pool exists (a mutation runner, a fork-based launcher) gets
+    its own threads: the parent's do not exist there, and work queued to them never runs."""
+    h, mask = torch.randn(2, 6, 4), torch.ones(2, 6, dtype=torch.bool)
+    parent = PromptEntropy(background=True)
+    parent.update_batch(h, mask)
+    want = parent.compute()["prompt_entropy"]
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 only if the background solve finishes and agrees
+        child = PromptEntropy(background=True)
+        child.update_batch(h, mask)
+        os._exit(0 if child.compute()["prompt_entropy"] == want else 1)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's background solve never finished")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
 
 
 def _np_std_cka(x: np.ndarray, y: np.ndarray) -> float:

@@ -344,16 +344,17 @@ class PromptEntropy(_Accumulator):
 
 #: batches of Grams a GPU pass may have in flight to the host solvers before it waits
 _MAX_PENDING = 64
-_POOL: ThreadPoolExecutor | None = None
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
 
 
 def _host_pool() -> ThreadPoolExecutor:
-    """The threads that solve GPU Grams on the host (LAPACK releases the GIL)."""
+    """The threads that solve GPU Grams on the host (LAPACK releases the GIL). A forked
+    process makes its own: the parent's threads do not exist in it."""
     global _POOL
-    if _POOL is None:
+    if _POOL is None or _POOL[0] != os.getpid():
         workers = max(1, min(8, (os.cpu_count() or 2) // 2))
-        _POOL = ThreadPoolExecutor(workers, thread_name_prefix="sftlens-eigh")
-    return _POOL
+        _POOL = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="sftlens-eigh"))
+    return _POOL[1]
 
 
 class PooledRows(_Accumulator):
