@@ -7,6 +7,7 @@ so tests can predict what the analysis must find.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # load). Set OMP_NUM_THREADS to override; subprocesses (torchrun) inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-# tqdm's monitor thread takes tqdm's write lock now and then; a process forked at that moment
-# (mutmut forks one per mutant from this process) waits on the lock forever
+# mutmut forks one process per mutant from this one. tqdm's default write lock includes a
+# multiprocessing semaphore shared with every fork: a child killed (timeout) inside a bar leaves
+# it taken and every later child waits forever. A thread lock is per process; and no monitor
+# thread, which takes the lock now and then (a fork at that moment inherits it taken).
+tqdm.set_lock(threading.RLock())
 tqdm.monitor_interval = 0
 
 
