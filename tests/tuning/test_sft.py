@@ -398,6 +398,39 @@ def test_a_save_killed_over_a_finished_run_leaves_nothing_to_reuse(
         assert torch.equal(got[k], want[k]), k
 
 
+def test_unwrap_optimizer_takes_the_torch_optimizer_out_of_accelerates_wrapper():
+    from accelerate import Accelerator
+
+    from sftlens.tuning.loop import unwrap_optimizer
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    assert unwrap_optimizer(opt) is opt  # a plain torch optimizer is its own
+    wrapped = Accelerator(cpu=True).prepare(opt)
+    assert wrapped is not opt and unwrap_optimizer(wrapped) is opt
+
+
+def test_pruning_removes_older_checkpoints_but_never_fails_or_deletes_through_a_link(tmp_path):
+    from sftlens.tuning.sft import _prune
+
+    def checkpoint(path: Path) -> Path:
+        path.mkdir(parents=True)
+        for name in ("trainer_state.json", "optimizer.json", "optimizer.safetensors"):
+            (path / name).write_text("{}")
+        return path
+
+    out = tmp_path / "out"
+    old, new = checkpoint(out / "checkpoint-1"), checkpoint(out / "checkpoint-4")
+    elsewhere = checkpoint(tmp_path / "elsewhere")
+    (out / "checkpoint-2").symlink_to(elsewhere, target_is_directory=True)
+    _prune(out, keep=new, keep_snapshots=False)
+    assert not old.exists() and sorted(p.name for p in new.iterdir()) == [
+        "optimizer.json",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ]
+    assert len(list(elsewhere.iterdir())) == 3  # rmtree refuses a link: left, not followed
+
+
 def test_optimizer_state_round_trips_tensors_and_scalars(tmp_path):
     from sftlens.tuning.loop import load_optimizer, save_optimizer
 
