@@ -230,3 +230,71 @@ def test_a_sweep_is_extended_by_rerunning_it_with_other_masks_or_seeds(
     assert [r["mask"] for r in rows if r["suggested"]] == ["10", "10"]
     summary = json.loads((out / "summary.json").read_text())["sweep"]
     assert summary["masks"]["10"]["seeds"] == 2 and summary["suggested"]["mask"] == "10"
+
+
+def test_gsm8k_scores_evaluate_model_plus_adapter_with_the_sweep_options(tiny_pair, tmp_path):
+    """``--gsm8k N``: the eval the sweep runs is MODEL + the mask's adapter on N problems, with
+    the sweep's generation options (as that eval's run folder records them), and the row holds
+    that eval's accuracies and 95% intervals."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = shutil.copytree(tiny_pair[0], tmp_path / "chat_model")  # --chat needs a template
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.chat_template = "{% for m in messages %}user : {{ m['content'] }}\n{% endfor %}"
+    tok.save_pretrained(base)
+    adapter = tmp_path / "adapter"
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora).save_pretrained(adapter)
+    shots = tmp_path / "shots"  # the exemplars come from their own folder's train split
+    shots.mkdir()
+    line = {"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}
+    (shots / "train.jsonl").write_text(json.dumps(line) + "\n")
+    cfg = SweepConfig(
+        model=str(base),
+        out=str(tmp_path / "sw"),
+        data="synthetic",
+        gsm8k=3,
+        shots=1,
+        chat=True,
+        fewshot_data=str(shots),
+        max_new_tokens=5,
+        eval_batch_size=2,
+        dtype="bfloat16",  # not the default, so that it must be passed on
+        device="cpu",
+        progress=False,
+    )
+    row = sweep.gsm8k_scores(cfg, adapter, tmp_path / "eval")
+    recorded = json.loads((tmp_path / "eval" / "config.json").read_text())["eval_base"]
+    expected = {
+        "model": str(base),
+        "adapter": str(adapter),
+        "data": "synthetic",
+        "limit": 3,
+        "shots": 1,
+        "chat": True,
+        "fewshot_data": str(shots),
+        "max_new_tokens": 5,
+        "batch_size": 2,
+        "teacher_forced": False,
+        "dtype": "bfloat16",
+        "device": "cpu",
+        "progress": False,
+    }
+    assert {k: recorded[k] for k in expected} == expected
+    assert "adapter" in recorded["fingerprints"]
+    ev = json.loads((tmp_path / "eval" / "summary.json").read_text())["eval"]["base"]
+    assert ev["problems"] == 3
+    assert row == {
+        "gsm8k_problems": 3,
+        **{
+            f"{name}{suffix}": value
+            for name in ("gsm8k_strict", "gsm8k_flexible")
+            for suffix, value in zip(
+                ("", "_low", "_high"), (ev[name]["accuracy"], *ev[name]["ci95"])
+            )
+        },
+    }
+    assert row["gsm8k_strict_low"] <= row["gsm8k_strict"] <= row["gsm8k_strict_high"]
