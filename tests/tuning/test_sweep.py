@@ -298,3 +298,17 @@ def test_gsm8k_scores_evaluate_model_plus_adapter_with_the_sweep_options(tiny_pa
         },
     }
     assert row["gsm8k_strict_low"] <= row["gsm8k_strict"] <= row["gsm8k_strict_high"]
+
+
+def test_mask_and_seed_parsing_reads_any_case_and_errors_say_what_to_write():
+    assert sweep.parse_masks(" ALL ", 2) == ["10", "01", "11"]
+    assert sweep.parse_masks(" Auto ,01, AUTO", 2) == ["auto", "01"]
+    with pytest.raises(SftlensError) as info:
+        sweep.parse_masks("11, 1x1", 3)
+    assert str(info.value) == (
+        "--masks: '11' is not a mask of K=3 blocks; write 3 characters of 0/1 with at least "
+        "one 1 (leftmost = bottom block), 'auto' (with --from RUN) or 'all'"
+    )
+    with pytest.raises(SftlensError) as info:
+        sweep.parse_seeds("0, x ")
+    assert str(info.value) == "--seeds: 'x' is not an integer; pass e.g. --seeds 0,1"
