@@ -8,6 +8,7 @@ identical logits; ``lora_dw_*`` against float64 numpy; resume after a kill; the 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import types
 from pathlib import Path
@@ -482,6 +483,38 @@ def test_a_plan_that_peft_does_not_follow_is_refused(monkeypatch):
     monkeypatch.setattr(lora.LoraPlan, "lora_config", one_layer_only)
     with pytest.raises(SftlensError, match="PEFT adapted 4 modules, not the 8 planned"):
         lora.apply_lora(_tiny_model(), plan)
+
+
+def test_lora_plan_options_and_errors_in_full():
+    # --targets: names stripped and each once; --lora-dropout reaches PEFT's modules
+    assert _plan(_tiny_model(), [0], targets=" q , v,q").projs == ("q", "v")
+    assert _plan(_tiny_model(), [0], targets="mlp").projs == ("gate", "up", "down")
+    model = lora.apply_lora(_tiny_model(), _plan(_tiny_model(), [2], lora_dropout=0.25))
+    assert model.base_model.model.model.layers[2].self_attn.q_proj.lora_dropout["default"].p == 0.25
+    # the budget: every layer active is the baseline rank; no layer or too many is an error
+    assert lora.budget_rank(8, 5, 5) == 8 and lora.budget_rank(8, 5, 1) == 40
+    for active in (0, 6):
+        with pytest.raises(SftlensError) as info:
+            lora.budget_rank(8, 5, active)
+        assert str(info.value) == f"{active} active layers do not fit a model of 5 layers"
+    # a PEFT model that trains more than LoRA
+    plan = _plan(_tiny_model(), [1])
+    peft_model = lora.apply_lora(_tiny_model(), plan)
+    peft_model.base_model.model.model.norm.weight.requires_grad_(True)
+    with pytest.raises(SftlensError) as info:
+        lora.check_adapted(peft_model, plan)
+    assert str(info.value) == (
+        "after PEFT, 1 non-LoRA parameters are trainable (e.g. "
+        "['base_model.model.model.norm.weight']); report this model type to sftlens"
+    )
+    # ... or adapts other modules than planned
+    with pytest.raises(SftlensError) as info:
+        lora.check_adapted(peft_model, dataclasses.replace(plan, layers=(2,)))
+    assert str(info.value) == (
+        "PEFT adapted 4 modules, not the 4 planned (missing e.g. [(2, 'self_attn.k_proj'), "
+        "(2, 'self_attn.o_proj')], unexpected e.g. [(1, 'self_attn.k_proj'), "
+        "(1, 'self_attn.o_proj')]); report this model type to sftlens"
+    )
 
 
 def test_lora_dw_plot_shows_the_full_sft_dw_when_the_folder_has_it(tmp_path, monkeypatch):
