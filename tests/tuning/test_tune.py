@@ -366,12 +366,27 @@ def test_cli_end_to_end_writes_the_output_contract_and_reuses_a_finished_run(
     history = _history(out)
     assert [set(h) for h in history] == [{"step", "loss", "tokens", "lr", "seconds"}] * 2
     assert s["train_tokens"] == sum(h["tokens"] for h in history)
+    # the rest of the summary: the plan, the budget and the timing of the steps
+    steps_s = [h["seconds"] for h in history]
+    assert (s["selection"], s["num_layers"], s["mask"]) == ("0.4-1 -> layers 2-4 of 5", 5, "0.4-1")
+    assert (s["budget_rank"], s["total_rank"], s["scaling"]) == (40, 39, 2.0)
+    assert s["target_modules"] == [f"self_attn.{p}_proj" for p in "qkvo"]
+    assert s["seconds"] == pytest.approx(sum(steps_s))
+    assert s["step_seconds"] == pytest.approx(sum(steps_s) / 2)
+    assert s["step_seconds_median"] == pytest.approx(sum(steps_s) / 2)
+    assert s["seconds_this_run"] >= s["seconds"] > 0
+    assert (s["world_size"], s["mixed_precision"]) == (1, "no")
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert (state["step"], state["layers"], state["world_size"]) == (2, [2, 3, 4], 1)
+    assert state["history"] == history and state["base_model"] == str(base)
+    assert state["config"]["mask"] == "0.4-1" and isinstance(state["config_hash"], str)
     rows = _rows(out)
     assert rows[(0, "lora_dw_attn")] == 0.0 and rows[(3, "lora_dw_attn")] > 0
     html = (out / "report.html").read_text()
     # the heading names the layers once escaped (render escapes headings; "-&amp;gt;" is double)
     assert f"<h2>LoRA tuning ({s['mask']} -&gt; layers " in html and "&amp;gt;" not in html
     assert (out / "plots" / "tune_loss.png").is_file()
+    assert "<th class=l>total rank (budget)</th><td>39 (40)</td>" in html
     assert not (out / "checkpoint-last").exists()
 
     def must_not_run(*a, **k):
@@ -403,6 +418,26 @@ def test_mask_auto_asks_suggest_and_logs_its_evidence(tiny_pair, tmp_path, monke
     assert "010 -> layers 1-2 of 5" in caplog.text and "block 1: smallest dW" in caplog.text
     with pytest.raises(SftlensError, match="is not a folder"):
         tune(base, tmp_path / "out2", mask="auto", from_run=str(tmp_path / "nope"))
+
+
+def test_mask_auto_in_any_case_and_a_missing_from_folder_says_what_to_pass(tmp_path, monkeypatch):
+    from sftlens.tuning.tune import select_layers
+
+    evidence = ["block 1: smallest dW"]
+    monkeypatch.setattr(
+        "sftlens.tuning.suggest.suggest_mask",
+        lambda run_dir, num_blocks: types.SimpleNamespace(mask="010", evidence=evidence),
+    )
+    cfg = TuneConfig(model="m", mask=" AUTO ", from_run=str(tmp_path), blocks=3)
+    selection, got = select_layers(cfg, 5)
+    assert (selection.layers, got) == ((1, 2), evidence)
+    assert select_layers(TuneConfig(model="m", mask="10000"), 5)[1] == []
+    with pytest.raises(SftlensError) as info:
+        select_layers(TuneConfig(model="m", mask="auto", from_run=str(tmp_path / "no")), 5)
+    assert str(info.value) == (
+        f"--from {tmp_path / 'no'} is not a folder; pass the run folder of an analysis "
+        "(sftlens weights / analyze / demo --out DIR)"
+    )
 
 
 def test_mask_auto_trains_what_the_real_suggest_proposes(tiny_pair, tmp_path):
