@@ -312,3 +312,47 @@ def test_mask_and_seed_parsing_reads_any_case_and_errors_say_what_to_write():
     with pytest.raises(SftlensError) as info:
         sweep.parse_seeds("0, x ")
     assert str(info.value) == "--seeds: 'x' is not an integer; pass e.g. --seeds 0,1"
+
+
+def test_report_section_states_the_verdict_the_suggestion_and_the_intervals(tmp_path):
+    from sftlens.io import write_rows_csv
+
+    def row(mask, seed, nll, strict=None):
+        ci = {} if strict is None else {"gsm8k_strict_low": 0.25, "gsm8k_strict_high": 0.75}
+        return {"mask": mask, "seed": seed, "layer_range": "2-4" if mask == "01" else "0-4"} | {
+            "answer_nll": nll,
+            "gsm8k_strict": strict,
+            **ci,
+        }
+
+    assert sweep.report_section(tmp_path, [], {}) is None  # no sweep.csv
+    rows = [row("11", 0, 1.0, 0.5), row("01", 0, 0.75)]
+    write_rows_csv(tmp_path / "sweep.csv", rows, sweep.SWEEP_COLUMNS)
+    suggestion = SimpleNamespace(mask="01", evidence=[])
+    title, body = sweep.report_section(
+        tmp_path, [], {"sweep": sweep.sweep_summary(rows, suggestion)}
+    )
+    assert title == "Mid-Block tuning sweep"
+    assert (
+        "<p>Best mask other than the baseline: <b>01</b> (layers 2-4), which beats 11 on "
+        "held-out answer NLL by 0.25 nats; run --seeds 0,1 to see the seed-to-seed noise.</p>"
+    ) in body
+    assert (
+        "<p><code>sftlens suggest</code> proposed <b>01</b>; it ranks 1 of 2 on held-out "
+        "answer NLL.</p><table>"  # no plot here: the table follows
+    ) in body
+    head = body.split("<table><tr>", 1)[1].split("</tr>", 1)[0]
+    assert head == (
+        "<th>mask</th><th>seed</th><th>layer_range</th><th>answer_nll</th><th>gsm8k_strict</th>"
+    )
+    assert "<td>11</td><td>0</td><td>0-4</td><td>1</td><td>0.5 [0.25, 0.75]</td>" in body
+    assert "<td>01</td><td>0</td><td>2-4</td><td>0.75</td><td></td>" in body
+    # two seeds and a baseline that stays best: the spread, and "does not beat"
+    rows = [row("11", 0, 0.5), row("11", 1, 0.625), row("01", 0, 0.75), row("01", 1, 0.75)]
+    write_rows_csv(tmp_path / "sweep.csv", rows, sweep.SWEEP_COLUMNS)
+    _, body = sweep.report_section(tmp_path, [], {"sweep": sweep.sweep_summary(rows)})
+    assert (
+        "which does not beat 11 on held-out answer NLL by 0.1875 nats; the largest "
+        "seed-to-seed spread of a mask is 0.125 nats.</p>"
+    ) in body
+    assert "sftlens suggest" not in body
