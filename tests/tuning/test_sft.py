@@ -398,6 +398,74 @@ def test_a_save_killed_over_a_finished_run_leaves_nothing_to_reuse(
         assert torch.equal(got[k], want[k]), k
 
 
+def test_unwrap_optimizer_takes_the_torch_optimizer_out_of_accelerates_wrapper():
+    from accelerate import Accelerator
+
+    from sftlens.tuning.loop import unwrap_optimizer
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    assert unwrap_optimizer(opt) is opt  # a plain torch optimizer is its own
+    wrapped = Accelerator(cpu=True).prepare(opt)
+    assert wrapped is not opt and unwrap_optimizer(wrapped) is opt
+
+
+def test_pruning_removes_older_checkpoints_but_never_fails_or_deletes_through_a_link(tmp_path):
+    from sftlens.tuning.sft import _prune
+
+    def checkpoint(path: Path) -> Path:
+        path.mkdir(parents=True)
+        for name in ("trainer_state.json", "optimizer.json", "optimizer.safetensors"):
+            (path / name).write_text("{}")
+        return path
+
+    out = tmp_path / "out"
+    old, new = checkpoint(out / "checkpoint-1"), checkpoint(out / "checkpoint-4")
+    elsewhere = checkpoint(tmp_path / "elsewhere")
+    (out / "checkpoint-2").symlink_to(elsewhere, target_is_directory=True)
+    legacy = checkpoint(out / "checkpoint-last")  # where older sftlens kept its one checkpoint
+    _prune(out, keep=new, keep_snapshots=False)
+    assert not legacy.exists()
+    assert not old.exists() and sorted(p.name for p in new.iterdir()) == [
+        "optimizer.json",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ]
+    assert len(list(elsewhere.iterdir())) == 3  # rmtree refuses a link: left, not followed
+
+
+def test_another_mixed_precision_retrains_and_the_weights_load_on_the_runs_device(
+    tiny_pair, tmp_path, monkeypatch
+):
+    """The reuse/resume key holds the launch's mixed precision (a bf16-autocast run never reuses
+    an fp32 one); the weights load on the accelerator's device (the rank's GPU under torchrun),
+    whose peak-memory counter each run restarts."""
+    from sftlens.models import loading
+    from sftlens.tuning import sft as sft_module
+
+    data = write_data(tmp_path / "train.jsonl")
+    loads, resets = [], []
+    real_load, real_reset = loading.load_model, sft_module.reset_peak_memory
+
+    def spy_load(*a, **k):
+        loads.append(k.get("device", "default"))
+        return real_load(*a, **k)
+
+    def spy_reset(*a):
+        resets.append(a)
+        return real_reset(*a)
+
+    monkeypatch.setattr(loading, "load_model", spy_load)
+    monkeypatch.setattr(sft_module, "reset_peak_memory", spy_reset)
+    out = sft(tiny_pair[0], tmp_path / "run", data)
+    assert loads == ["cpu"] and resets == [(torch.device("cpu"),)]
+    sft(tiny_pair[0], out, data)  # the same run again: reused, nothing loaded
+    assert loads == ["cpu"]
+    monkeypatch.setattr(sft_module, "precision_key", lambda accel: {"mixed_precision": "bf16"})
+    sft(tiny_pair[0], out, data)
+    assert loads == ["cpu", "cpu"]  # trained again
+    assert resets == [(torch.device("cpu"),)] * 3
+
+
 def test_optimizer_state_round_trips_tensors_and_scalars(tmp_path):
     from sftlens.tuning.loop import load_optimizer, save_optimizer
 

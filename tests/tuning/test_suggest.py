@@ -6,6 +6,7 @@ from __future__ import annotations
 import doctest
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,30 @@ def test_rank_normalise_is_scale_free_and_centred(values, scale):
     assert sum(ranks.values()) / len(ranks) == pytest.approx(0.5)
 
 
+def test_each_family_reads_its_metric_oriented_so_that_larger_is_more_change():
+    """The extractors behind FAMILIES (built at import, so called here by hand): a ``pair`` metric
+    as is (dW) or as ``1 - value`` (similarities), a base/sft metric as ``|sft - base|`` on the
+    layers both models have; None when the metric is absent."""
+    pair, gap = suggest_module._pair, suggest_module._gap
+    table = {
+        ("pair", "dw_block_rel"): {0: 0.25, 1: 2.0},
+        ("pair", "cka_std"): {0: 0.25, 1: 1.0},
+        ("pair", "cka"): {},
+        ("base", "prompt_entropy_norm"): {0: 1.0, 1: 2.0, 2: 5.0},
+        ("sft", "prompt_entropy_norm"): {0: 4.0, 1: 1.5, 3: 0.0},
+        ("base", "probe_kl"): {0: 1.0},
+        ("sft", "dataset_entropy_norm"): {0: 1.0},
+    }
+    assert pair("dw_block_rel")(table) == {0: 0.25, 1: 2.0}
+    assert pair("cka_std", flip=True)(table) == {0: 0.75, 1: 0.0}
+    assert pair("cka", flip=True)(table) is None  # present but empty
+    assert pair("dw_attn_rel")(table) is None
+    assert gap("prompt_entropy_norm")(table) == {0: 3.0, 1: 0.5}
+    assert gap("probe_kl")(table) is None  # base only
+    assert gap("dataset_entropy_norm")(table) is None  # sft only
+    assert gap("prompt_entropy")(table) is None
+
+
 # -- the rule on constructed cases ----------------------------------------------------------------
 
 # L = 10, K = 5 (two layers a block). Rank-normalised block scores in the comments.
@@ -114,8 +139,13 @@ def test_width_and_max_width():
     assert suggest_from_rows(r, width=1).mask == "01000"
     assert suggest_from_rows(r, width=2).mask == "01100"  # mean .167 beats 00110's .389
     assert suggest_from_rows(r, width=3).mask == "01110"
-    with pytest.raises(SftlensError, match=r"--width 4 needs 4 adjacent blocks .* leaves 3"):
+    with pytest.raises(
+        SftlensError, match=r"--width 4 needs 4 adjacent blocks .* leaves 3"
+    ) as info:
         suggest_from_rows(r, width=4)
+    assert str(info.value).endswith(
+        ": pass a smaller --width, more --blocks or a wider --min-depth/--max-depth"
+    )
 
 
 def test_change_concentrated_at_the_top_keeps_the_stable_middle():
@@ -252,6 +282,7 @@ def test_a_flat_family_is_flagged_as_weak_evidence():
         ({"max_width": 0}, "--max-width >= 1"),
         ({"min_depth": 0.6}, "--min-depth and --max-depth must satisfy"),
         ({"max_depth": 0.4}, "--min-depth and --max-depth must satisfy"),
+        ({"max_depth": 1.5}, "--min-depth and --max-depth must satisfy"),
         ({"num_blocks": 11}, "K=11 depth blocks do not fit a model of 10 layers"),
     ],
 )
@@ -263,6 +294,119 @@ def test_bad_options(kwargs, message):
 def test_a_band_without_any_block_centre_is_an_error():
     with pytest.raises(SftlensError, match=r"no depth block centred in 50-50% of depth"):
         suggest_from_rows(rows("dw_block_rel", WIDEN), 2, min_depth=0.5, max_depth=0.5)
+
+
+def test_the_automatic_width_stops_at_three_blocks_by_default():
+    # L = K = 8, the data alone: blocks 0-3 all changed less than the average layer (ranks i/7)
+    r = rows("dw_block_rel", range(8))
+    s = suggest_from_rows(r, 8, min_depth=0.0, max_depth=1.0)
+    assert s.mask == "11100000"
+    assert suggest_from_rows(r, 8, min_depth=0.0, max_depth=1.0, max_width=4).mask == "11110000"
+
+
+def test_the_band_includes_blocks_centred_on_its_edges():
+    # L = 10, K = 5: centres .1 .3 .5 .7 .9 (exact in floating point)
+    r = rows("dw_block_rel", WIDEN)
+    assert suggest_from_rows(r, min_depth=0.3, max_depth=0.7).candidates == [1, 2, 3]
+    assert suggest_from_rows(r, min_depth=0.31, max_depth=0.69).candidates == [2]
+
+
+def test_a_block_with_change_zero_is_the_least_changed():
+    # L = K = 5: block 1 holds the one least-changed layer, so its change is exactly 0
+    s = suggest_from_rows(rows("dw_block_rel", [5, 0, 1, 2, 3]), max_width=1)
+    assert s.scores == [1.0, 0.0, 0.25, 0.5, 0.75]
+    assert s.mask == "01000"
+
+
+def test_a_neighbour_with_change_zero_joins():
+    # L = K = 5, two families on different layers: weights ranks layers 1 (0) and 3 (1),
+    # geometry layers 0 (.5), 2 (0) and 4 (1); blocks 1 and 2 both change 0, block 2 is nearer
+    # mid-depth and chosen first, block 1 then joins it (0 < 0.5)
+    r = rows("dw_block_rel", {1: 0.1, 3: 0.9}) + rows("cka_std", {0: 0.5, 2: 0.99, 4: 0.1})
+    s = suggest_from_rows(r)
+    assert s.scores == [0.5, 0.0, 0.0, 1.0, 1.0]
+    assert s.mask == "01100"
+
+
+def test_rows_outside_the_model_or_without_a_finite_value_are_ignored():
+    # a foreign row first (layer 10 of a 10-layer model), non-finite and empty values
+    foreign = rows("dw_block_rel", {10: -1.0})
+    broken = (
+        rows("dw_block_rel", {3: math.nan, 4: math.inf})
+        + rows("cka_std", dict.fromkeys(range(10), math.nan))
+        + [{"model": "pair", "layer": 5, "metric": "dw_block_rel", "value": None}]
+    )
+    clean = suggest_from_rows(rows("dw_block_rel", WIDEN), num_layers=10)
+    s = suggest_from_rows(foreign + rows("dw_block_rel", WIDEN) + broken, num_layers=10)
+    assert s.scores == clean.scores
+    assert s.metrics == {"weights": "dw_block_rel"}
+    assert [m.split()[0] for m in s.missing] == ["geometry", "entropy", "probing"]
+    # without a layer count the rows set it: every layer counts, the foreign one too
+    assert suggest_from_rows(foreign + rows("dw_block_rel", WIDEN)).num_layers == 11
+
+
+def test_weak_evidence_is_the_spread_relative_to_the_mean_of_at_least_two_layers():
+    weights = [100.0, 101.0, 99.0, 102.0, 100.0, 98.0, 101.0, 100.0, 99.0, 100.0]  # 1.1%
+    two = rows("cka_std", {0: 0.5, 1: 0.51})  # 1 - cka_std: 0.5, 0.49: 1.0%
+    one = rows("probe_agreement", {3: 0.2})  # a single layer has no spread to judge
+    s = suggest_from_rows(rows("dw_block_rel", weights) + two + one)
+    assert s.notes == [
+        "weights: dw_block_rel varies by 1% across layers (coefficient of variation): weak "
+        "evidence",
+        "geometry: 1-cka_std varies by 1% across layers (coefficient of variation): weak evidence",
+    ]
+    # 10% exactly is not below 10%: values 9 and 11 around their mean 10
+    assert not suggest_from_rows(rows("dw_block_rel", [9.0, 11.0] * 5)).notes
+
+
+def test_the_reason_names_the_rule_the_band_and_the_families():
+    r = rows("dw_block_rel", WIDEN) + rows("cka_std", WIDEN[::-1])
+    tail = (
+        ", among blocks centred in 20-80% of depth; change = mean over weights, geometry of "
+        "per-layer ranks scaled to [0, 1] (0 = least changed)"
+    )
+    auto = suggest_from_rows(r)
+    assert auto.reason == (
+        "the least-changed block, widened by neighbours that changed less than the average "
+        "layer (change < 0.5, at most 3 blocks)" + tail
+    )
+    assert suggest_from_rows(r, width=2).reason == (
+        "the 2 adjacent candidate blocks with the lowest mean change" + tail
+    )
+    assert auto.lines()[1] == f"rule stable-middle/1: {auto.reason}"
+    assert suggest_from_rows(r, width=2, max_width=2, min_depth=0.1).options == {
+        "width": 2,
+        "max_width": 2,
+        "min_depth": 0.1,
+        "max_depth": 0.8,
+    }
+    assert auto.options == {"width": 0, "max_width": 3, "min_depth": 0.2, "max_depth": 0.8}
+
+
+def test_evidence_lines_in_full_with_uncovered_blocks():
+    # a 10-layer model; weights cover layers 0-7, geometry layers 0-5: block 4 has no metric
+    r = rows("dw_block_rel", WIDEN[:8]) + rows(
+        "cka_std", {0: 0.9, 1: 0.8, 2: 0.99, 3: 0.97, 4: 0.95, 5: 0.96}
+    )
+    s = suggest_from_rows(r, num_layers=10)
+    assert s.scores[4] is None
+    assert s.evidence == [
+        "block 0 10000 layers 0-1 (0-20% of depth): change 0.91 "
+        "[dw_block_rel 9 (rank 0.93); 1-cka_std 0.15 (rank 0.90)] -> outside the candidate band",
+        "block 1 01000 layers 2-3 (20-40% of depth): change 0.09 "
+        "[dw_block_rel 1 (rank 0.07); 1-cka_std 0.02 (rank 0.10)] -> CHOSEN",
+        "block 2 00100 layers 4-5 (40-60% of depth): change 0.43 "
+        "[dw_block_rel 2 (rank 0.36); 1-cka_std 0.045 (rank 0.50)] -> CHOSEN",
+        "block 3 00010 layers 6-7 (60-80% of depth): change 0.64 "
+        "[dw_block_rel 3 (rank 0.64); 1-cka_std n/a] -> skipped",
+        "block 4 00001 layers 8-9 (80-100% of depth): change n/a "
+        "[dw_block_rel n/a; 1-cka_std n/a] -> outside the candidate band",
+    ]
+
+
+def test_rows_without_any_family_name_the_rows():
+    with pytest.raises(SftlensError, match=r"^the rows holds none of the per-layer metrics"):
+        suggest_from_rows(rows("answer_nll", {None: 1.2}, "base"))
 
 
 # -- run folders and errors -----------------------------------------------------------------------
@@ -287,6 +431,63 @@ def test_folders_that_are_not_runs_or_lack_the_metrics(tmp_path):
     assert list(empty.iterdir()) == []  # reading never creates files
 
 
+def test_folder_errors_say_what_the_path_is(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    only_eval = run_folder(tmp_path / "eval", rows("answer_nll", {None: 1.2}, "base"))
+    for path, start in [
+        (tmp_path / "missing", f"run folder {tmp_path / 'missing'} does not exist; make one"),
+        (tmp_path / "a_file", f"run folder {tmp_path / 'a_file'} is not a folder; make one"),
+        (only_eval, f"{only_eval} holds none of the per-layer metrics suggest reads"),
+    ]:
+        with pytest.raises(SftlensError, match="^" + re.escape(start)):
+            suggest_mask(path)
+
+
+def test_the_layer_count_comes_from_the_pair_in_summary_json_when_it_is_one(tmp_path):
+    r = rows("dw_block_rel", WIDEN)
+    run = run_folder(tmp_path / "r", r)
+    for summary, num_layers in [
+        ({"base": {"num_layers": 3}}, 10),  # an eval run's summary: no pair
+        ({"pair": {}}, 10),
+        ({"pair": {"num_layers": 0}}, 10),
+        ({"pair": {"num_layers": "4"}}, 10),
+        ({"pair": {"num_layers": 2}}, 2),
+        ({"pair": {"num_layers": 1}}, 1),
+    ]:
+        atomic_write_json(run / "summary.json", summary)
+        s = suggest_mask(run, 1)
+        assert (s.num_layers, s.mask, s.layers) == (num_layers, "1", list(range(num_layers)))
+
+
+# (options, mask) on a run whose change grows with depth (default: 01000) and on its mirror
+# image (default: 00010): each option changes the mask, so each must reach the rule
+RISING = [1.0, 0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.6, 0.5]
+OPTIONS = [
+    (RISING, {}, "01000"),
+    (RISING, {"width": 3}, "01110"),
+    (RISING, {"min_depth": 0.0}, "11000"),
+    (RISING, {"min_depth": 0.0, "max_width": 1}, "10000"),
+    (RISING[::-1], {}, "00010"),
+    (RISING[::-1], {"max_depth": 1.0}, "00011"),
+]
+
+
+@pytest.mark.parametrize(("values", "options", "mask"), OPTIONS)
+def test_options_reach_the_rule_through_the_folder_and_the_api(tmp_path, values, options, mask):
+    run = run_folder(tmp_path / "run", rows("cka_std", values))
+    assert suggest_from_rows(rows("cka_std", values), **options).mask == mask
+    assert suggest_mask(run, **options).mask == mask
+    s = api.suggest(run, save=False, **options)
+    assert s.mask == mask
+    assert s.options == {"width": 0, "max_width": 3, "min_depth": 0.2, "max_depth": 0.8, **options}
+
+
+def test_the_default_automatic_width_through_the_folder(tmp_path):
+    run = run_folder(tmp_path / "run", rows("dw_block_rel", range(8)))
+    assert suggest_mask(run, 8, min_depth=0.0, max_depth=1.0).mask == "11100000"
+    assert api.suggest(run, save=False, blocks=8, min_depth=0.0, max_depth=1.0).mask == "11100000"
+
+
 def test_a_metrics_csv_of_another_tool_is_refused(tmp_path):
     (tmp_path / "metrics.csv").write_text("a,b\n1,2\n")
     with pytest.raises(SftlensError, match="is not a sftlens metrics.csv"):
@@ -305,6 +506,8 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert sum(line.startswith("  block ") for line in out) == 5
     saved = json.loads((run / "suggestion.json").read_text())
     assert saved["mask"] == "01100" and saved["layers"] == [2, 3, 4, 5]
+    assert saved["options"] == {"width": 0, "max_width": 3, "min_depth": 0.2, "max_depth": 0.8}
+    assert saved["reason"] == suggest_mask(run).reason and saved["reason"].startswith("the least")
     html = (run / "report.html").read_text()
     assert "Suggested Mid-Block mask" in html and "01100" in html and "Stale" not in html
     # more metrics arrive: the saved suggestion is flagged stale in the report

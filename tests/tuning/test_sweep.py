@@ -230,3 +230,129 @@ def test_a_sweep_is_extended_by_rerunning_it_with_other_masks_or_seeds(
     assert [r["mask"] for r in rows if r["suggested"]] == ["10", "10"]
     summary = json.loads((out / "summary.json").read_text())["sweep"]
     assert summary["masks"]["10"]["seeds"] == 2 and summary["suggested"]["mask"] == "10"
+
+
+def test_gsm8k_scores_evaluate_model_plus_adapter_with_the_sweep_options(tiny_pair, tmp_path):
+    """``--gsm8k N``: the eval the sweep runs is MODEL + the mask's adapter on N problems, with
+    the sweep's generation options (as that eval's run folder records them), and the row holds
+    that eval's accuracies and 95% intervals."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = shutil.copytree(tiny_pair[0], tmp_path / "chat_model")  # --chat needs a template
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.chat_template = "{% for m in messages %}user : {{ m['content'] }}\n{% endfor %}"
+    tok.save_pretrained(base)
+    adapter = tmp_path / "adapter"
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora).save_pretrained(adapter)
+    shots = tmp_path / "shots"  # the exemplars come from their own folder's train split
+    shots.mkdir()
+    line = {"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}
+    (shots / "train.jsonl").write_text(json.dumps(line) + "\n")
+    cfg = SweepConfig(
+        model=str(base),
+        out=str(tmp_path / "sw"),
+        data="synthetic",
+        gsm8k=3,
+        shots=1,
+        chat=True,
+        fewshot_data=str(shots),
+        max_new_tokens=5,
+        eval_batch_size=2,
+        dtype="bfloat16",  # not the default, so that it must be passed on
+        device="cpu",
+        progress=False,
+    )
+    row = sweep.gsm8k_scores(cfg, adapter, tmp_path / "eval")
+    recorded = json.loads((tmp_path / "eval" / "config.json").read_text())["eval_base"]
+    expected = {
+        "model": str(base),
+        "adapter": str(adapter),
+        "data": "synthetic",
+        "limit": 3,
+        "shots": 1,
+        "chat": True,
+        "fewshot_data": str(shots),
+        "max_new_tokens": 5,
+        "batch_size": 2,
+        "teacher_forced": False,
+        "dtype": "bfloat16",
+        "device": "cpu",
+        "progress": False,
+    }
+    assert {k: recorded[k] for k in expected} == expected
+    assert "adapter" in recorded["fingerprints"]
+    ev = json.loads((tmp_path / "eval" / "summary.json").read_text())["eval"]["base"]
+    assert ev["problems"] == 3
+    assert row == {
+        "gsm8k_problems": 3,
+        **{
+            f"{name}{suffix}": value
+            for name in ("gsm8k_strict", "gsm8k_flexible")
+            for suffix, value in zip(
+                ("", "_low", "_high"), (ev[name]["accuracy"], *ev[name]["ci95"])
+            )
+        },
+    }
+    assert row["gsm8k_strict_low"] <= row["gsm8k_strict"] <= row["gsm8k_strict_high"]
+
+
+def test_mask_and_seed_parsing_reads_any_case_and_errors_say_what_to_write():
+    assert sweep.parse_masks(" ALL ", 2) == ["10", "01", "11"]
+    assert sweep.parse_masks(" Auto ,01, AUTO", 2) == ["auto", "01"]
+    with pytest.raises(SftlensError) as info:
+        sweep.parse_masks("11, 1x1", 3)
+    assert str(info.value) == (
+        "--masks: '11' is not a mask of K=3 blocks; write 3 characters of 0/1 with at least "
+        "one 1 (leftmost = bottom block), 'auto' (with --from RUN) or 'all'"
+    )
+    with pytest.raises(SftlensError) as info:
+        sweep.parse_seeds("0, x ")
+    assert str(info.value) == "--seeds: 'x' is not an integer; pass e.g. --seeds 0,1"
+
+
+def test_report_section_states_the_verdict_the_suggestion_and_the_intervals(tmp_path):
+    from sftlens.io import write_rows_csv
+
+    def row(mask, seed, nll, strict=None):
+        ci = {} if strict is None else {"gsm8k_strict_low": 0.25, "gsm8k_strict_high": 0.75}
+        return {"mask": mask, "seed": seed, "layer_range": "2-4" if mask == "01" else "0-4"} | {
+            "answer_nll": nll,
+            "gsm8k_strict": strict,
+            **ci,
+        }
+
+    assert sweep.report_section(tmp_path, [], {}) is None  # no sweep.csv
+    rows = [row("11", 0, 1.0, 0.5), row("01", 0, 0.75)]
+    write_rows_csv(tmp_path / "sweep.csv", rows, sweep.SWEEP_COLUMNS)
+    suggestion = SimpleNamespace(mask="01", evidence=[])
+    title, body = sweep.report_section(
+        tmp_path, [], {"sweep": sweep.sweep_summary(rows, suggestion)}
+    )
+    assert title == "Mid-Block tuning sweep"
+    assert (
+        "<p>Best mask other than the baseline: <b>01</b> (layers 2-4), which beats 11 on "
+        "held-out answer NLL by 0.25 nats; run --seeds 0,1 to see the seed-to-seed noise.</p>"
+    ) in body
+    assert (
+        "<p><code>sftlens suggest</code> proposed <b>01</b>; it ranks 1 of 2 on held-out "
+        "answer NLL.</p><table>"  # no plot here: the table follows
+    ) in body
+    head = body.split("<table><tr>", 1)[1].split("</tr>", 1)[0]
+    assert head == (
+        "<th>mask</th><th>seed</th><th>layer_range</th><th>answer_nll</th><th>gsm8k_strict</th>"
+    )
+    assert "<td>11</td><td>0</td><td>0-4</td><td>1</td><td>0.5 [0.25, 0.75]</td>" in body
+    assert "<td>01</td><td>0</td><td>2-4</td><td>0.75</td><td></td>" in body
+    # two seeds and a baseline that stays best: the spread, and "does not beat"
+    rows = [row("11", 0, 0.5), row("11", 1, 0.625), row("01", 0, 0.75), row("01", 1, 0.75)]
+    write_rows_csv(tmp_path / "sweep.csv", rows, sweep.SWEEP_COLUMNS)
+    _, body = sweep.report_section(tmp_path, [], {"sweep": sweep.sweep_summary(rows)})
+    assert (
+        "which does not beat 11 on held-out answer NLL by 0.1875 nats; the largest "
+        "seed-to-seed spread of a mask is 0.125 nats.</p>"
+    ) in body
+    assert "sftlens suggest" not in body

@@ -8,6 +8,7 @@ identical logits; ``lora_dw_*`` against float64 numpy; resume after a kill; the 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import types
 from pathlib import Path
@@ -365,12 +366,27 @@ def test_cli_end_to_end_writes_the_output_contract_and_reuses_a_finished_run(
     history = _history(out)
     assert [set(h) for h in history] == [{"step", "loss", "tokens", "lr", "seconds"}] * 2
     assert s["train_tokens"] == sum(h["tokens"] for h in history)
+    # the rest of the summary: the plan, the budget and the timing of the steps
+    steps_s = [h["seconds"] for h in history]
+    assert (s["selection"], s["num_layers"], s["mask"]) == ("0.4-1 -> layers 2-4 of 5", 5, "0.4-1")
+    assert (s["budget_rank"], s["total_rank"], s["scaling"]) == (40, 39, 2.0)
+    assert s["target_modules"] == [f"self_attn.{p}_proj" for p in "qkvo"]
+    assert s["seconds"] == pytest.approx(sum(steps_s))
+    assert s["step_seconds"] == pytest.approx(sum(steps_s) / 2)
+    assert s["step_seconds_median"] == pytest.approx(sum(steps_s) / 2)
+    assert s["seconds_this_run"] >= s["seconds"] > 0
+    assert (s["world_size"], s["mixed_precision"]) == (1, "no")
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert (state["step"], state["layers"], state["world_size"]) == (2, [2, 3, 4], 1)
+    assert state["history"] == history and state["base_model"] == str(base)
+    assert state["config"]["mask"] == "0.4-1" and isinstance(state["config_hash"], str)
     rows = _rows(out)
     assert rows[(0, "lora_dw_attn")] == 0.0 and rows[(3, "lora_dw_attn")] > 0
     html = (out / "report.html").read_text()
     # the heading names the layers once escaped (render escapes headings; "-&amp;gt;" is double)
     assert f"<h2>LoRA tuning ({s['mask']} -&gt; layers " in html and "&amp;gt;" not in html
     assert (out / "plots" / "tune_loss.png").is_file()
+    assert "<th class=l>total rank (budget)</th><td>39 (40)</td>" in html
     assert not (out / "checkpoint-last").exists()
 
     def must_not_run(*a, **k):
@@ -402,6 +418,26 @@ def test_mask_auto_asks_suggest_and_logs_its_evidence(tiny_pair, tmp_path, monke
     assert "010 -> layers 1-2 of 5" in caplog.text and "block 1: smallest dW" in caplog.text
     with pytest.raises(SftlensError, match="is not a folder"):
         tune(base, tmp_path / "out2", mask="auto", from_run=str(tmp_path / "nope"))
+
+
+def test_mask_auto_in_any_case_and_a_missing_from_folder_says_what_to_pass(tmp_path, monkeypatch):
+    from sftlens.tuning.tune import select_layers
+
+    evidence = ["block 1: smallest dW"]
+    monkeypatch.setattr(
+        "sftlens.tuning.suggest.suggest_mask",
+        lambda run_dir, num_blocks: types.SimpleNamespace(mask="010", evidence=evidence),
+    )
+    cfg = TuneConfig(model="m", mask=" AUTO ", from_run=str(tmp_path), blocks=3)
+    selection, got = select_layers(cfg, 5)
+    assert (selection.layers, got) == ((1, 2), evidence)
+    assert select_layers(TuneConfig(model="m", mask="10000"), 5)[1] == []
+    with pytest.raises(SftlensError) as info:
+        select_layers(TuneConfig(model="m", mask="auto", from_run=str(tmp_path / "no")), 5)
+    assert str(info.value) == (
+        f"--from {tmp_path / 'no'} is not a folder; pass the run folder of an analysis "
+        "(sftlens weights / analyze / demo --out DIR)"
+    )
 
 
 def test_mask_auto_trains_what_the_real_suggest_proposes(tiny_pair, tmp_path):
@@ -482,6 +518,38 @@ def test_a_plan_that_peft_does_not_follow_is_refused(monkeypatch):
     monkeypatch.setattr(lora.LoraPlan, "lora_config", one_layer_only)
     with pytest.raises(SftlensError, match="PEFT adapted 4 modules, not the 8 planned"):
         lora.apply_lora(_tiny_model(), plan)
+
+
+def test_lora_plan_options_and_errors_in_full():
+    # --targets: names stripped and each once; --lora-dropout reaches PEFT's modules
+    assert _plan(_tiny_model(), [0], targets=" q , v,q").projs == ("q", "v")
+    assert _plan(_tiny_model(), [0], targets="mlp").projs == ("gate", "up", "down")
+    model = lora.apply_lora(_tiny_model(), _plan(_tiny_model(), [2], lora_dropout=0.25))
+    assert model.base_model.model.model.layers[2].self_attn.q_proj.lora_dropout["default"].p == 0.25
+    # the budget: every layer active is the baseline rank; no layer or too many is an error
+    assert lora.budget_rank(8, 5, 5) == 8 and lora.budget_rank(8, 5, 1) == 40
+    for active in (0, 6):
+        with pytest.raises(SftlensError) as info:
+            lora.budget_rank(8, 5, active)
+        assert str(info.value) == f"{active} active layers do not fit a model of 5 layers"
+    # a PEFT model that trains more than LoRA
+    plan = _plan(_tiny_model(), [1])
+    peft_model = lora.apply_lora(_tiny_model(), plan)
+    peft_model.base_model.model.model.norm.weight.requires_grad_(True)
+    with pytest.raises(SftlensError) as info:
+        lora.check_adapted(peft_model, plan)
+    assert str(info.value) == (
+        "after PEFT, 1 non-LoRA parameters are trainable (e.g. "
+        "['base_model.model.model.norm.weight']); report this model type to sftlens"
+    )
+    # ... or adapts other modules than planned
+    with pytest.raises(SftlensError) as info:
+        lora.check_adapted(peft_model, dataclasses.replace(plan, layers=(2,)))
+    assert str(info.value) == (
+        "PEFT adapted 4 modules, not the 4 planned (missing e.g. [(2, 'self_attn.k_proj'), "
+        "(2, 'self_attn.o_proj')], unexpected e.g. [(1, 'self_attn.k_proj'), "
+        "(1, 'self_attn.o_proj')]); report this model type to sftlens"
+    )
 
 
 def test_lora_dw_plot_shows_the_full_sft_dw_when_the_folder_has_it(tmp_path, monkeypatch):
