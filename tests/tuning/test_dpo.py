@@ -183,3 +183,173 @@ def test_no_wrong_sample_is_a_one_line_error(tiny_pair, gsm8k_dir, tmp_path, mon
     assert line.startswith("error: none of the 1 problems got a wrong answer among 1 samples")
     assert main([*args, "--mask", "00000011", "--out", str(tmp_path / "m"), "--no-progress"]) == 2
     assert "K=8 depth blocks do not fit a model of 5 layers" in error_line(capsys.readouterr().err)
+
+
+# -- the pieces of a run (no training) -----------------------------------------------------
+
+
+def test_trl_gets_every_option_and_no_reports_hub_saves_or_mixed_precision(tmp_path):
+    from dataclasses import replace
+
+    from trl import DPOConfig as TrlDPOConfig
+
+    from sftlens.config import DpoConfig
+    from sftlens.tuning.dpo import _trl_args
+
+    cfg = DpoConfig(
+        model="m",
+        batch_size=3,
+        grad_accum=5,
+        lr=1e-3,
+        steps=7,
+        warmup_ratio=0.25,
+        weight_decay=0.03,
+        max_grad_norm=0.7,
+        beta=0.3,
+        max_length=99,
+        seed=11,
+        progress=False,
+    )
+    # what sftlens hands TRL: every option, and explicit offs (TRL's and transformers' defaults
+    # differ between versions: bf16 on, gradient checkpointing on, report_to "all" in 4.x)
+    assert _trl_args(dict, cfg, tmp_path, "cpu") == dict(
+        output_dir=str(tmp_path / ".trl"),
+        per_device_train_batch_size=3,
+        gradient_accumulation_steps=5,
+        learning_rate=1e-3,
+        max_steps=7,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.25,
+        weight_decay=0.03,
+        max_grad_norm=0.7,
+        beta=0.3,
+        max_length=99,
+        seed=11,
+        data_seed=11,
+        report_to=[],
+        push_to_hub=False,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        log_level="warning",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+    )
+    shown = _trl_args(dict, replace(cfg, progress=True, max_grad_norm=0.0), tmp_path, "cuda")
+    assert shown["disable_tqdm"] is False and shown["use_cpu"] is False
+    assert shown["max_grad_norm"] is None  # --max-grad-norm 0: no clipping
+    # and TRL takes them as they are
+    args = _trl_args(TrlDPOConfig, cfg, tmp_path, "cpu")
+    assert (args.learning_rate, args.beta, args.max_length, args.max_grad_norm) == (
+        1e-3,
+        0.3,
+        99,
+        0.7,
+    )
+    assert args.lr_scheduler_type == "cosine" and args.save_strategy == "no"
+    assert not (args.bf16 or args.fp16 or args.gradient_checkpointing or args.report_to)
+
+
+def test_step_timer_times_each_step_and_snapshots_every_n_steps_before_the_last(monkeypatch):
+    from types import SimpleNamespace
+
+    from sftlens.tuning import dpo as dpo_mod
+
+    clock = iter([10.0, 10.5, 20.0, 21.25, 30.0, 30.125, 40.0, 42.0, 50.0, 50.5])
+    monkeypatch.setattr(dpo_mod, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    timer, saved = dpo_mod._StepTimer(), []
+    timer.every, timer.max_steps, timer.snapshot = 2, 4, saved.append
+    for step in range(1, 6):
+        timer.on_step_begin(None, SimpleNamespace(global_step=step - 1), None)
+        timer.on_step_end(None, SimpleNamespace(global_step=step), None)
+    assert timer.seconds == [0.5, 1.25, 0.125, 2.0, 0.5]
+    assert saved == [2]  # step 4 is the last: the final save covers it
+
+
+def test_dpo_under_torchrun_is_a_one_line_error(monkeypatch, tmp_path):
+    from sftlens.config import DpoConfig
+    from sftlens.tuning.dpo import run_dpo
+
+    monkeypatch.setattr("sftlens.tuning.dpo.world_size", lambda: 2)
+    with pytest.raises(
+        SftlensError,
+        match=r"^dpo runs in one process \(TRL places it on one device\); "
+        r"launch it without torchrun$",
+    ):
+        run_dpo(DpoConfig(model=str(tmp_path / "no-model"), out=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_dpo_without_trl_is_a_one_line_error(monkeypatch, tmp_path):
+    import sys
+
+    from sftlens.config import DpoConfig
+    from sftlens.tuning.dpo import _make_trainer, _StepTimer
+
+    monkeypatch.setitem(sys.modules, "trl", None)
+    with pytest.raises(
+        SftlensError,
+        match=r"^sftlens dpo needs TRL \(trl is missing\); pip install 'sftlens\[dpo\]'$",
+    ):
+        _make_trainer(
+            DpoConfig(model="m"), tmp_path, None, None, None, [], None, "cpu", _StepTimer()
+        )
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_trl_gets_the_pairs_the_reference_and_the_tokenizer(monkeypatch, tmp_path, progress):
+    """_make_trainer with TRL's classes recorded: what reaches DPOTrainer, which bars show
+    while it tokenizes, and that only FutureWarnings (renamed options) are silenced."""
+    import warnings
+
+    import datasets
+    from transformers import PrinterCallback
+
+    from sftlens.config import DpoConfig
+    from sftlens.tuning.dpo import _make_trainer, _StepTimer
+
+    class Args:
+        def __init__(self, **kw):
+            self.kw = kw
+            warnings.warn("an option was renamed", FutureWarning, stacklevel=2)
+            warnings.warn("a note about the args", UserWarning, stacklevel=2)
+
+    class Trainer:
+        def __init__(self, **kw):
+            self.kw, self.model, self.removed = kw, kw["model"], []
+            self.bars = datasets.is_progress_bar_enabled()
+            warnings.warn("is_gradient_checkpointing is deprecated", FutureWarning, stacklevel=2)
+            warnings.warn("a note about the trainer", UserWarning, stacklevel=2)
+
+        def remove_callback(self, cb):
+            self.removed.append(cb)
+
+    monkeypatch.setattr("trl.DPOConfig", Args)
+    monkeypatch.setattr("trl.DPOTrainer", Trainer)
+    datasets.enable_progress_bars()
+    cfg = DpoConfig(model="m", full=True, steps=6, save_every=4, progress=progress)
+    model, ref, tok = object(), object(), object()
+    pairs = [
+        {"id": 3, "prompt": "Q", "chosen": " right", "rejected": " wrong", "gold": "1", "sample": 0}
+    ]
+    timer = _StepTimer()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer = _make_trainer(cfg, tmp_path, model, ref, tok, pairs, None, "cpu", timer)
+    assert sorted(str(w.message) for w in seen) == [
+        "a note about the args",
+        "a note about the trainer",
+    ]
+    kw = trainer.kw
+    assert kw["model"] is model and kw["ref_model"] is ref and kw["processing_class"] is tok
+    assert kw["peft_config"] is None
+    assert kw["args"].kw["use_cpu"] is True and kw["args"].kw["max_steps"] == 6
+    assert kw["train_dataset"].to_list() == [
+        {"prompt": "Q", "chosen": " right", "rejected": " wrong"}
+    ]
+    assert trainer.bars is progress and datasets.is_progress_bar_enabled()
+    assert trainer.removed == [PrinterCallback]
+    assert (timer.every, timer.max_steps) == (4, 6)
