@@ -50,16 +50,22 @@ def test_pairs_reject_only_wrong_answers_and_choose_the_gold_solution():
     assert pair["rejected_strict"] == "1,243" and pair["rejected_flexible"] == "1,243"
     assert pair["rejected_strict_correct"] is False and pair["rejected_flexible_correct"] is False
     assert pair["wrong_samples"] == 1 + len(WRONG) and pair["samples"] == len(RIGHT) + 5
+    assert set(pair) == {  # the rejected sample's verdicts, not its "wrong" (always true)
+        *("id", "prompt", "chosen", "rejected", "gold", "sample", "wrong_samples", "samples"),
+        *("rejected_strict", "rejected_flexible"),
+        *("rejected_strict_correct", "rejected_flexible_correct"),
+    }
     assert make_pair(0, GOLD, "p", RIGHT) is None
 
-    examples = [GOLD, Example("2 + 2?", "#### 4"), GOLD]
+    examples = [GOLD, Example("2 + 2?", "#### 4"), GOLD, GOLD]
     records = [
         {"id": 2, "samples": [{"completion": c} for c in (" #### 1,234", " #### 9")]},
         {"id": 1, "samples": [{"completion": c} for c in (" 4", " it is 4.")]},  # all right
         {"id": 0, "samples": [{"completion": c} for c in WRONG]},
+        {"id": 3, "samples": [{"completion": c} for c in RIGHT]},  # all right
     ]
-    pairs, skipped = build_pairs(examples, ["p0", "p1", "p2"], records)
-    assert skipped == 1
+    pairs, skipped = build_pairs(examples, ["p0", "p1", "p2", "p3"], records)
+    assert skipped == 2
     assert [(p["id"], p["prompt"], p["rejected"]) for p in pairs] == [
         (0, "p0", WRONG[0]),
         (2, "p2", " #### 9"),
@@ -120,6 +126,10 @@ def test_lora_dpo_changes_only_the_masked_layers_and_a_rerun_reuses_it(
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins"} <= set(state["history"][0])
     assert [step for step, _ in list_checkpoints(out)] == [1]  # --save-every 1, not the last
     AutoModelForCausalLM.from_pretrained(out / "checkpoint-1")
+    # TRL turns the KV cache off to train; the saved models get MODEL's setting back
+    use_cache = json.loads((base / "config.json").read_text())["use_cache"]
+    for folder in (out, out / "checkpoint-1"):
+        assert json.loads((folder / "config.json").read_text())["use_cache"] is use_cache is True
 
     # pairs: the prompt as sft trains it, the gold solution chosen, a wrong sample rejected
     train = _jsonl(gsm8k_dir / "train.jsonl")
@@ -170,6 +180,20 @@ def test_full_dpo_changes_weights_outside_any_mask(tiny_pair, gsm8k_dir, tmp_pat
     assert "model.embed_tokens.weight" in changed and "lm_head.weight" in changed
     assert any(k.startswith("model.layers.0.") for k in changed)
     assert json.loads((out / "trainer_state.json").read_text())["method"] == "full"
+
+
+def test_the_problems_come_from_the_split_and_seed_asked_for(tiny_pair, tmp_path, monkeypatch):
+    from sftlens.data import resolve_dataset
+
+    def questions(split, seed):
+        return [e.question for e in resolve_dataset("synthetic", split=split, limit=2, seed=seed)]
+
+    monkeypatch.setattr("sftlens.tuning.preference.make_pair", lambda *a: None)  # no training
+    with pytest.raises(SftlensError, match="^none of the 2 problems got a wrong answer"):
+        dpo(tiny_pair[0], tmp_path / "dev", "synthetic", max_examples=2, split="dev", seed=5)
+    sampled = [r["question"] for r in _jsonl(tmp_path / "dev" / "samples.jsonl")]
+    assert sampled == questions("dev", 5)
+    assert sampled != questions("train", 5) and sampled != questions("dev", 0)
 
 
 def test_no_wrong_sample_is_a_one_line_error(tiny_pair, gsm8k_dir, tmp_path, monkeypatch, capsys):
