@@ -332,3 +332,19 @@ def test_nucleus_probs_against_a_hand_count():
         Sampling(temperature=0)
     with pytest.raises(ValueError, match="top_p"):
         Sampling(top_p=0)
+
+
+def test_nucleus_probs_normalises_each_row_and_top_p_one_keeps_every_token():
+    from sftlens.evaluation.generate import Sampling, nucleus_probs
+
+    # two rows of different mass: each row is its own distribution
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]]))
+    probs = nucleus_probs(logits, 1.0, 0.8)
+    assert torch.allclose(probs.sum(-1), torch.ones(2))
+    assert torch.allclose(probs, torch.tensor([[0.625, 0.375, 0, 0], [0, 2 / 9, 3 / 9, 4 / 9]]))
+    # top_p = 1 is plain temperature sampling: a token of tiny mass (1.0 - 2e-13 rounds to 1.0
+    # in float32, so the mass before it reaches 1) is still possible
+    tiny = nucleus_probs(torch.tensor([[0.0, -30.0, -30.0]]), 1.0, 1.0)
+    assert tiny[0, 1] > 0 and tiny[0, 2] > 0
+    with pytest.raises(ValueError, match=r"^top_p must be in \(0, 1\], got 1.5$"):
+        Sampling(top_p=1.5)
