@@ -395,3 +395,13 @@ def test_prompt_entropy_batched_two_token_prompt_is_normalised_by_log_2() -> Non
     got, want = batch.compute(), one.compute()
     assert want["prompt_entropy_norm"] > 0
     assert got["prompt_entropy_norm"] == pytest.approx(want["prompt_entropy_norm"], rel=1e-9)
+
+
+def test_pooled_rows_loaded_from_a_float32_state_are_float64() -> None:
+    """A state whose rows were stored in float32 is loaded into the float64 rows ``rows`` promises."""
+    x, _ = _tokens(n=9)
+    assert x.dtype == torch.float32
+    acc = PooledRows(6)
+    acc.load_state_dict({"rows": x})
+    assert acc.rows.dtype == torch.float64
+    torch.testing.assert_close(acc.rows, x.double(), rtol=0, atol=0)

@@ -213,3 +213,11 @@ def test_unknown_effective_rank_variant_message() -> None:
         match="^unknown effective-rank variant 'other'; use 'roy_vetterli' or 'sigma2'$",
     ):
         effective_rank(_rand(4, 3), variant="other")  # type: ignore[arg-type]
+
+
+def test_paper_dataset_spectrum_of_zero_rows_stays_on_their_device() -> None:
+    """The degenerate spectrum is built on the rows' device, not torch's default device."""
+    with torch.device("meta"):  # any default but the rows' (CPU) device
+        got = paper_dataset_eigenvalues(torch.zeros(5, 3, device="cpu"))
+    assert got.device == torch.device("cpu")
+    assert got.tolist() == [1.0, 0.0, 0.0]
