@@ -353,7 +353,11 @@ def test_a_router_that_cannot_be_hooked_is_a_one_line_error():
     block = model.model.layers[0]
     del block.mlp.gate
     with (
-        pytest.raises(SftlensError, match="block 0 has no router at 'mlp.gate'") as err,
+        pytest.raises(
+            SftlensError,
+            match=r"^block 0 has no router at 'mlp\.gate', so its routing cannot be recorded; "
+            r"pass --no-routing or report this model type$",
+        ) as err,
         record_routers(spec, {0: block}),
     ):
         pass
@@ -363,7 +367,10 @@ def test_a_router_that_cannot_be_hooked_is_a_one_line_error():
     with pytest.raises(SftlensError, match="the router of layer 1 did not run"):
         router_logits({}, [1], batch)
     with (
-        pytest.raises(SftlensError, match="gpt2 has no router"),
+        pytest.raises(
+            SftlensError,
+            match=r"^gpt2 has no router: routing metrics need a mixture-of-experts model$",
+        ),
         record_routers(surgery.arch_spec_of("gpt2"), {0: block}),
     ):
         pass
