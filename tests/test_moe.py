@@ -150,6 +150,15 @@ def test_router_and_expert_dw_match_numpy_in_both_layouts(moe_pairs, model_type,
         for key, value in want_experts.items():
             assert got_experts[key] == pytest.approx(value, rel=1e-6), key
         assert {r["model"] for r in result.experts} == {"pair"}
+        # rows by layer, then expert (numerically), then part as the docstring lists them
+        parts = ("gate", "up", "down", "expert")
+        keys = [(r["layer"], r["expert"], r["metric"]) for r in result.experts]
+        assert keys == [
+            (layer, e, f"dw_{part}{rel}")
+            for layer, e in sorted({k[:2] for k in keys})
+            for part in parts
+            for rel in ("", "_rel")
+        ]
         # MoE layers have no dense gate/up/down rows (those are per expert); every row finite
         moe = set(surgery.moe_layers(cfg))
         assert not [k for k in got if k[0] in ("dw_gate", "dw_up", "dw_down") and k[1] in moe]

@@ -447,3 +447,14 @@ def test_malformed_sft_checkpoints_are_one_line_errors(tiny_pair, tmp_path):
         with pytest.raises(SftlensError) as err:
             weight_diff(base, broken, progress=False)
         assert str(err.value) == message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a CPU-only machine")
+def test_weights_on_cuda_without_a_gpu_fail_clearly(tiny_pair):
+    """--device reaches the reductions: cuda on a CPU-only machine is refused, not ignored."""
+    with pytest.raises(
+        SftlensError,
+        match=r"^--device cuda but torch sees no CUDA GPU; install a CUDA build of torch "
+        r"\(or check CUDA_VISIBLE_DEVICES\), or pass --device cpu$",
+    ):
+        weight_diff(*tiny_pair, progress=False, device="cuda")
