@@ -282,7 +282,11 @@ def test_prompt_entropy_nan_states_are_a_clear_error(background):
     h, mask = torch.randn(2, 5, 4), torch.ones(2, 5, dtype=torch.bool)
     h[1, 2, 0] = float("nan")
     acc = PromptEntropy(background=background)
-    with pytest.raises(SftlensError, match="h contains NaN or inf"):
+    with pytest.raises(
+        SftlensError,
+        match=r"^h contains NaN or inf \(real tokens\); run the model in float32/bfloat16 "
+        r"instead of float16 or check its inputs$",
+    ):
         acc.update_batch(h, mask)
         acc.compute()  # a background solve reports when its sums are read
 
@@ -405,3 +409,15 @@ def test_pooled_rows_loaded_from_a_float32_state_are_float64() -> None:
     acc.load_state_dict({"rows": x})
     assert acc.rows.dtype == torch.float64
     torch.testing.assert_close(acc.rows, x.double(), rtol=0, atol=0)
+
+
+def test_pooled_rows_follow_to_but_keep_the_rows_on_the_host() -> None:
+    """``to_`` picks the device of compute's linear algebra; the rows themselves stay on the CPU."""
+    x, _ = _tokens(n=12)
+    acc = PooledRows(6)
+    acc.update(x)
+    acc.to_("meta")
+    assert acc.device == torch.device("meta")
+    assert acc.rows.device == torch.device("cpu")
+    acc.to_(None)
+    assert acc.device == torch.device("cpu")
