@@ -19,6 +19,7 @@ from sftlens.metrics.information import (
     dataset_entropy,
     effective_rank,
     gram_eigenvalues,
+    masked_gram,
     matrix_entropy,
     normalize_rows,
     paper_dataset_eigenvalues,
@@ -221,3 +222,50 @@ def test_paper_dataset_spectrum_of_zero_rows_stays_on_their_device() -> None:
         got = paper_dataset_eigenvalues(torch.zeros(5, 3, device="cpu"))
     assert got.device == torch.device("cpu")
     assert got.tolist() == [1.0, 0.0, 0.0]
+
+
+def test_error_messages_whole() -> None:
+    """Each input error of the information metrics, matched whole (anchored)."""
+    cases = [
+        (
+            lambda: matrix_entropy([[1.0]]),  # type: ignore[arg-type]
+            r"z must be a torch\.Tensor, got list; convert it with torch\.as_tensor",
+        ),
+        (
+            lambda: matrix_entropy(torch.ones(5)),
+            r"z must be a non-empty \(n, d\) matrix, got shape \(5,\); flatten tokens to rows first",
+        ),
+        (
+            lambda: matrix_entropy(torch.tensor([[1.0, float("inf")], [0.0, 1.0]])),
+            r"z contains NaN or inf; run the model in float32/bfloat16 instead of float16 or check "
+            r"its inputs",
+        ),
+        (
+            lambda: alpha_entropy_from_eigenvalues(torch.ones(2), 0.0),
+            r"alpha must be > 0, got 0\.0; use alpha=1 \(Shannon/von Neumann\) or e\.g\. 2",
+        ),
+        (
+            lambda: alpha_entropy_from_eigenvalues(torch.tensor([0.5, -0.1])),
+            r"eigenvalues must be finite and >= 0; clamp tiny negatives to 0 first "
+            r"\(gram_eigenvalues does\)",
+        ),
+        (
+            lambda: alpha_entropy_from_eigenvalues(torch.zeros(3)),
+            r"eigenvalues sum to 0, so there is no distribution; pass a non-zero spectrum",
+        ),
+        (
+            lambda: matrix_entropy(_rand(4, 3), preset="other"),  # type: ignore[arg-type]
+            r"unknown entropy preset 'other'; use 'default' or 'paper'",
+        ),
+        (
+            lambda: dataset_entropy(_rand(4, 3), preset="other"),  # type: ignore[arg-type]
+            r"unknown entropy preset 'other'; use 'default' or 'paper'",
+        ),
+        (
+            lambda: masked_gram(torch.ones(1, 2, 2), torch.ones(1, 2), ridge=-1e-3),
+            r"ridge must be >= 0, got -0\.001; use 0 \(default\) or a small value like 1e-6",
+        ),
+    ]
+    for call, message in cases:
+        with pytest.raises(SftlensError, match=f"^{message}$"):
+            call()
