@@ -426,7 +426,16 @@ def test_malformed_sft_checkpoints_are_one_line_errors(tiny_pair, tmp_path):
     def missing(state):
         del state["model.layers.2.mlp.up_proj.weight"]
 
+    def reshaped(state):
+        name = "model.layers.1.self_attn.o_proj.weight"
+        state[name] = torch.zeros(state[name].shape[0], state[name].shape[1] + 1)
+
     cases = [
+        (
+            reshaped,
+            "tensor 'model.layers.1.self_attn.o_proj.weight' has shape base=(32, 32), "
+            "sft=(32, 33); compare checkpoints of the same architecture",
+        ),
         (
             wider,
             f"embed '{embed}' has shape base=(128, 32), sft=(128, 33); "
