@@ -421,3 +421,39 @@ def test_pooled_rows_follow_to_but_keep_the_rows_on_the_host() -> None:
     assert acc.rows.device == torch.device("cpu")
     acc.to_(None)
     assert acc.device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_prompt_entropy_over_several_batches_equals_per_prompt_renyi_2(preset, monkeypatch):
+    """Two padded batches (one- and two-token prompts, one longer than d) with alpha = 2 give
+    the mean of the per-prompt values (``update``, i.e. ``matrix_entropy``), raw and normalised;
+    the background solve also works from a fresh host pool."""
+    monkeypatch.setattr(accumulators, "_POOL", None)  # as in a new process
+    g = torch.Generator().manual_seed(11)
+    d = 6
+    batched, background, single = (
+        PromptEntropy(2.0, preset),
+        PromptEntropy(2.0, preset, background=True),
+        PromptEntropy(2.0, preset),
+    )
+    for lengths in ([2, 1, 5], [9, 2]):
+        t = max(lengths)
+        h = torch.randn(len(lengths), t, d, generator=g) + 3.0
+        mask = torch.zeros(len(lengths), t, dtype=torch.bool)
+        for b, n in enumerate(lengths):
+            mask[b, :n] = True
+            single.update(h[b, :n])
+        batched.update_batch(h, mask)
+        background.update_batch(h, mask)
+    want = single.compute()
+    assert want["prompt_entropy_norm"] > 0.0
+    for got in (batched.compute(), background.compute()):
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-10, abs=1e-12), k
+
+
+def test_prompt_entropy_state_moves_with_to() -> None:
+    acc = PromptEntropy()
+    acc.to_("meta")
+    assert acc.device == torch.device("meta")
+    assert all(getattr(acc, n).device == torch.device("meta") for n in PromptEntropy._state)
