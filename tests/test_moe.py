@@ -150,6 +150,15 @@ def test_router_and_expert_dw_match_numpy_in_both_layouts(moe_pairs, model_type,
         for key, value in want_experts.items():
             assert got_experts[key] == pytest.approx(value, rel=1e-6), key
         assert {r["model"] for r in result.experts} == {"pair"}
+        # rows by layer, then expert (numerically), then part as the docstring lists them
+        parts = ("gate", "up", "down", "expert")
+        keys = [(r["layer"], r["expert"], r["metric"]) for r in result.experts]
+        assert keys == [
+            (layer, e, f"dw_{part}{rel}")
+            for layer, e in sorted({k[:2] for k in keys})
+            for part in parts
+            for rel in ("", "_rel")
+        ]
         # MoE layers have no dense gate/up/down rows (those are per expert); every row finite
         moe = set(surgery.moe_layers(cfg))
         assert not [k for k in got if k[0] in ("dw_gate", "dw_up", "dw_down") and k[1] in moe]
@@ -353,7 +362,11 @@ def test_a_router_that_cannot_be_hooked_is_a_one_line_error():
     block = model.model.layers[0]
     del block.mlp.gate
     with (
-        pytest.raises(SftlensError, match="block 0 has no router at 'mlp.gate'") as err,
+        pytest.raises(
+            SftlensError,
+            match=r"^block 0 has no router at 'mlp\.gate', so its routing cannot be recorded; "
+            r"pass --no-routing or report this model type$",
+        ) as err,
         record_routers(spec, {0: block}),
     ):
         pass
@@ -363,7 +376,10 @@ def test_a_router_that_cannot_be_hooked_is_a_one_line_error():
     with pytest.raises(SftlensError, match="the router of layer 1 did not run"):
         router_logits({}, [1], batch)
     with (
-        pytest.raises(SftlensError, match="gpt2 has no router"),
+        pytest.raises(
+            SftlensError,
+            match=r"^gpt2 has no router: routing metrics need a mixture-of-experts model$",
+        ),
         record_routers(surgery.arch_spec_of("gpt2"), {0: block}),
     ):
         pass

@@ -209,7 +209,12 @@ def test_nan_hidden_states_name_the_layer(tiny_pair):
 def test_attention_from_sdpa_model_is_a_clear_error(tiny_pair):
     base_dir, _ = tiny_pair
     base, tok = load_model(base_dir, attn_implementation="sdpa")
-    with pytest.raises(SftlensError, match="did not return attention weights"):
+    with pytest.raises(
+        SftlensError,
+        match=r"^the model did not return attention weights; load it with "
+        r"attn_implementation='eager' \(sftlens does this when attention metrics are on\) "
+        r"or pass --no-attention$",
+    ):
         run_pass(base, base, tok, TEXTS, batch_size=4, max_length=64, progress=False)
 
 

@@ -377,3 +377,139 @@ def test_sft_reuses_a_finished_run_unless_model_or_data_bytes_change(
     retrained = _weights(out)
     key = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.allclose(retrained[key], trained[key], atol=0.1)
+
+
+# -- RunFolder's files, whole ------------------------------------------------------------------
+
+
+def test_run_folder_error_messages_whole(tmp_path, monkeypatch):
+    """Each --out problem is its own one-line message, matched whole."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(
+        SftlensError,
+        match=rf"^--out {tmp_path / 'file'} is a file, not a folder; pass a folder for the "
+        r"results \(a new one is created\)$",
+    ):
+        RunFolder(tmp_path / "file")
+    with pytest.raises(
+        SftlensError,
+        match=rf"^cannot create the --out folder {tmp_path / 'file' / 'run'}: part of its path "
+        r"is a file; pass a path under a folder$",
+    ):
+        RunFolder(tmp_path / "file" / "run")
+    for bad in (b"{not json", b"\xff\xfe{}"):  # not JSON; not even UTF-8
+        (tmp_path / "bad").mkdir(exist_ok=True)
+        (tmp_path / "bad" / "config.json").write_bytes(bad)
+        with pytest.raises(
+            SftlensError,
+            match=rf"^{tmp_path / 'bad' / 'config.json'} is not valid JSON \(edited by hand\?\); "
+            r"fix it, or delete it to recompute every step of this run$",
+        ):
+            RunFolder(tmp_path / "bad")
+
+    def denied(self, *args, **kwargs):  # root may write anywhere: deny by hand
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    with pytest.raises(
+        SftlensError,
+        match=rf"^cannot create the --out folder {tmp_path / 'new'}: permission denied; "
+        r"pass a folder you can write to$",
+    ):
+        RunFolder(tmp_path / "new")
+
+
+def test_config_json_records_each_step_and_the_versions(tmp_path):
+    from importlib import metadata
+    from platform import python_version
+
+    from sftlens.io import config_hash
+
+    run = RunFolder(tmp_path / "run" / "nested")  # parents are created
+    assert (tmp_path / "run" / "nested" / "plots").is_dir()
+    run.step("s", {"b": [1, 2], "a": 1}, lambda: [row("z", 1.0), row("m", 2.0), row("m", 3.0, 1)])
+    saved = json.loads((tmp_path / "run" / "nested" / "config.json").read_text())
+    step = saved["steps"]["s"]
+    assert step["hash"] == config_hash({"a": 1, "b": [1, 2]})
+    assert step["inputs"] == {"a": 1, "b": [1, 2]}
+    assert step["metrics"] == ["m", "z"]
+    assert isinstance(step["seconds"], float) and step["seconds"] >= 0.0
+    installed = {d.metadata["Name"].lower() for d in metadata.distributions()}
+    packages = ("sftlens", "torch", "transformers", "peft", "safetensors", "accelerate", "gguf")
+    assert saved["versions"] == {
+        "python": python_version(),
+        **{p: metadata.version(p) for p in packages if p in installed},  # an optional one may lack
+    }
+    # a reopened folder keeps the steps and records this process's versions again
+    again = RunFolder(tmp_path / "run" / "nested")
+    assert again.state["steps"] == saved["steps"] and again.state["versions"] == saved["versions"]
+
+
+def test_metrics_csv_is_sorted_by_metric_model_then_layer_with_no_layer_last(tmp_path):
+    run = RunFolder(tmp_path)
+    rows = [
+        row("b", 1.0, None, "sft"),
+        row("b", 2.0, 10, "pair"),
+        row("b", 3.0, 2, "pair"),
+        row("b", 4.0, None, "pair"),
+        row("b", 5.0, 1, "other"),
+        row("b", 6.0, 3, "base"),
+        row("a", 7.0, 5, "base"),
+    ]
+    run.add_metrics(rows)
+    got = [(r["metric"], r["model"], r["layer"]) for r in RunFolder(tmp_path).metrics()]
+    assert got == [
+        ("a", "base", 5),
+        ("b", "base", 3),
+        ("b", "sft", None),
+        ("b", "pair", 2),
+        ("b", "pair", 10),  # numeric order, not "10" < "2"
+        ("b", "pair", None),
+        ("b", "other", 1),
+    ]
+
+
+def test_summary_json_merges_and_is_empty_before_any_write(tmp_path):
+    run = RunFolder(tmp_path)
+    assert run.summary() == {}
+    run.write_summary({"a": 1, "b": 2})
+    run.write_summary({"b": 3, "c": 4})
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"a": 1, "b": 3, "c": 4}
+    assert RunFolder(tmp_path).summary() == {"a": 1, "b": 3, "c": 4}
+
+
+def test_fingerprint_lists_each_deciding_file_with_its_size_and_sha256(tmp_path):
+    import hashlib
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    files = {"model.safetensors": b"w" * 7, "config.json": b"{}", "notes.md": b"no"}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    got = fingerprint(tmp_path / "ckpt" / ".." / "ckpt")
+    assert got == {
+        "path": str(folder.resolve()),
+        "files": {
+            n: {"bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()}
+            for n, d in files.items()
+            if n != "notes.md"
+        },
+    }
+    (folder / "config.json").write_bytes(b'{"a": 1}')  # rewritten: not the remembered hash
+    assert fingerprint(folder)["files"]["config.json"]["sha256"] == (
+        hashlib.sha256(b'{"a": 1}').hexdigest()
+    )
+
+
+def test_item_log_keeps_items_of_its_key_only(tmp_path):
+    from sftlens.run import ItemLog
+
+    path = tmp_path / "items.json"
+    log = ItemLog(path, "k1")
+    assert "a" not in log and list(log) == []
+    log.put("a", {"v": 1})
+    log.put("b", {"v": 2})
+    assert json.loads(path.read_text()) == {"key": "k1", "items": {"a": {"v": 1}, "b": {"v": 2}}}
+    again = ItemLog(path, "k1")
+    assert "a" in again and list(again) == ["a", "b"] and again["b"] == {"v": 2}
+    assert ItemLog(path, "k2").items == {}

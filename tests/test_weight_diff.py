@@ -426,7 +426,16 @@ def test_malformed_sft_checkpoints_are_one_line_errors(tiny_pair, tmp_path):
     def missing(state):
         del state["model.layers.2.mlp.up_proj.weight"]
 
+    def reshaped(state):
+        name = "model.layers.1.self_attn.o_proj.weight"
+        state[name] = torch.zeros(state[name].shape[0], state[name].shape[1] + 1)
+
     cases = [
+        (
+            reshaped,
+            "tensor 'model.layers.1.self_attn.o_proj.weight' has shape base=(32, 32), "
+            "sft=(32, 33); compare checkpoints of the same architecture",
+        ),
         (
             wider,
             f"embed '{embed}' has shape base=(128, 32), sft=(128, 33); "
@@ -447,3 +456,14 @@ def test_malformed_sft_checkpoints_are_one_line_errors(tiny_pair, tmp_path):
         with pytest.raises(SftlensError) as err:
             weight_diff(base, broken, progress=False)
         assert str(err.value) == message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a CPU-only machine")
+def test_weights_on_cuda_without_a_gpu_fail_clearly(tiny_pair):
+    """--device reaches the reductions: cuda on a CPU-only machine is refused, not ignored."""
+    with pytest.raises(
+        SftlensError,
+        match=r"^--device cuda but torch sees no CUDA GPU; install a CUDA build of torch "
+        r"\(or check CUDA_VISIBLE_DEVICES\), or pass --device cpu$",
+    ):
+        weight_diff(*tiny_pair, progress=False, device="cuda")

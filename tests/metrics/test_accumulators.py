@@ -276,7 +276,7 @@ def test_prompt_entropy_solved_in_background_equals_in_line(preset, monkeypatch)
             resumed.load_state_dict(background.state_dict())
     for h, mask in batches[4:]:
         resumed.update_batch(h, mask)
-    assert background._pending, "nothing ran in the background"
+    assert len(background._pending) == 2, "the in-flight bound (_MAX_PENDING) is 2 batches"
     assert background.compute() == inline.compute() == resumed.compute()
 
 
@@ -285,7 +285,11 @@ def test_prompt_entropy_nan_states_are_a_clear_error(background):
     h, mask = torch.randn(2, 5, 4), torch.ones(2, 5, dtype=torch.bool)
     h[1, 2, 0] = float("nan")
     acc = PromptEntropy(background=background)
-    with pytest.raises(SftlensError, match="h contains NaN or inf"):
+    with pytest.raises(
+        SftlensError,
+        match=r"^h contains NaN or inf \(real tokens\); run the model in float32/bfloat16 "
+        r"instead of float16 or check its inputs$",
+    ):
         acc.update_batch(h, mask)
         acc.compute()  # a background solve reports when its sums are read
 
@@ -421,3 +425,61 @@ def test_prompt_entropy_batched_two_token_prompt_is_normalised_by_log_2() -> Non
     got, want = batch.compute(), one.compute()
     assert want["prompt_entropy_norm"] > 0
     assert got["prompt_entropy_norm"] == pytest.approx(want["prompt_entropy_norm"], rel=1e-9)
+
+
+def test_pooled_rows_loaded_from_a_float32_state_are_float64() -> None:
+    """A state whose rows were stored in float32 is loaded into the float64 rows ``rows`` promises."""
+    x, _ = _tokens(n=9)
+    assert x.dtype == torch.float32
+    acc = PooledRows(6)
+    acc.load_state_dict({"rows": x})
+    assert acc.rows.dtype == torch.float64
+    torch.testing.assert_close(acc.rows, x.double(), rtol=0, atol=0)
+
+
+def test_pooled_rows_follow_to_but_keep_the_rows_on_the_host() -> None:
+    """``to_`` picks the device of compute's linear algebra; the rows themselves stay on the CPU."""
+    x, _ = _tokens(n=12)
+    acc = PooledRows(6)
+    acc.update(x)
+    acc.to_("meta")
+    assert acc.device == torch.device("meta")
+    assert acc.rows.device == torch.device("cpu")
+    acc.to_(None)
+    assert acc.device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_prompt_entropy_over_several_batches_equals_per_prompt_renyi_2(preset, monkeypatch):
+    """Two padded batches (one- and two-token prompts, one longer than d) with alpha = 2 give
+    the mean of the per-prompt values (``update``, i.e. ``matrix_entropy``), raw and normalised;
+    the background solve also works from a fresh host pool."""
+    monkeypatch.setattr(accumulators, "_POOL", None)  # as in a new process
+    g = torch.Generator().manual_seed(11)
+    d = 6
+    batched, background, single = (
+        PromptEntropy(2.0, preset),
+        PromptEntropy(2.0, preset, background=True),
+        PromptEntropy(2.0, preset),
+    )
+    for lengths in ([2, 1, 5], [9, 2]):
+        t = max(lengths)
+        h = torch.randn(len(lengths), t, d, generator=g) + 3.0
+        mask = torch.zeros(len(lengths), t, dtype=torch.bool)
+        for b, n in enumerate(lengths):
+            mask[b, :n] = True
+            single.update(h[b, :n])
+        batched.update_batch(h, mask)
+        background.update_batch(h, mask)
+    want = single.compute()
+    assert want["prompt_entropy_norm"] > 0.0
+    for got in (batched.compute(), background.compute()):
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-10, abs=1e-12), k
+
+
+def test_prompt_entropy_state_moves_with_to() -> None:
+    acc = PromptEntropy()
+    acc.to_("meta")
+    assert acc.device == torch.device("meta")
+    assert all(getattr(acc, n).device == torch.device("meta") for n in PromptEntropy._state)

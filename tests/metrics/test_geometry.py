@@ -112,7 +112,7 @@ def test_standardized_cka_streams_and_sees_past_a_massive_feature() -> None:
     assert float(streamed) == pytest.approx(std, rel=1e-10)
 
 
-@pytest.mark.parametrize(("n", "d1", "d2"), [(12, 5, 3), (5, 8, 8)])
+@pytest.mark.parametrize(("n", "d1", "d2"), [(12, 5, 3), (5, 8, 8), (4, 3, 3)])
 def test_unbiased_cka_matches_song_formula(n: int, d1: int, d2: int) -> None:
     x, y = _pair(n, d1, d2, seed=5)
     xn, yn = x.numpy().astype(np.float64), y.numpy().astype(np.float64)  # NOT centred
@@ -127,7 +127,10 @@ def test_unbiased_cka_matches_song_formula(n: int, d1: int, d2: int) -> None:
 
 def test_unbiased_cka_needs_more_than_three_rows() -> None:
     x, y = _pair(3, 4, 4)
-    with pytest.raises(SftlensError, match="more than 3"):
+    with pytest.raises(
+        SftlensError,
+        match=r"^unbiased CKA needs more than 3 rows, got 3; use more prompts or linear_cka$",
+    ):
         unbiased_cka(x, y)
 
 

@@ -19,6 +19,8 @@ from sftlens.metrics.information import (
     dataset_entropy,
     effective_rank,
     gram_eigenvalues,
+    gram_spectrum,
+    masked_gram,
     matrix_entropy,
     normalize_rows,
     paper_dataset_eigenvalues,
@@ -213,3 +215,139 @@ def test_unknown_effective_rank_variant_message() -> None:
         match="^unknown effective-rank variant 'other'; use 'roy_vetterli' or 'sigma2'$",
     ):
         effective_rank(_rand(4, 3), variant="other")  # type: ignore[arg-type]
+
+
+def test_paper_dataset_spectrum_of_zero_rows_stays_on_their_device() -> None:
+    """The degenerate spectrum is built on the rows' device, not torch's default device."""
+    with torch.device("meta"):  # any default but the rows' (CPU) device
+        got = paper_dataset_eigenvalues(torch.zeros(5, 3, device="cpu"))
+    assert got.device == torch.device("cpu")
+    assert got.tolist() == [1.0, 0.0, 0.0]
+
+
+def test_error_messages_whole() -> None:
+    """Each input error of the information metrics, matched whole (anchored)."""
+    cases = [
+        (
+            lambda: matrix_entropy([[1.0]]),  # type: ignore[arg-type]
+            r"z must be a torch\.Tensor, got list; convert it with torch\.as_tensor",
+        ),
+        (
+            lambda: matrix_entropy(torch.ones(5)),
+            r"z must be a non-empty \(n, d\) matrix, got shape \(5,\); flatten tokens to rows first",
+        ),
+        (
+            lambda: matrix_entropy(torch.tensor([[1.0, float("inf")], [0.0, 1.0]])),
+            r"z contains NaN or inf; run the model in float32/bfloat16 instead of float16 or check "
+            r"its inputs",
+        ),
+        (
+            lambda: alpha_entropy_from_eigenvalues(torch.ones(2), 0.0),
+            r"alpha must be > 0, got 0\.0; use alpha=1 \(Shannon/von Neumann\) or e\.g\. 2",
+        ),
+        (
+            lambda: alpha_entropy_from_eigenvalues(torch.tensor([0.5, -0.1])),
+            r"eigenvalues must be finite and >= 0; clamp tiny negatives to 0 first "
+            r"\(gram_eigenvalues does\)",
+        ),
+        (
+            lambda: alpha_entropy_from_eigenvalues(torch.zeros(3)),
+            r"eigenvalues sum to 0, so there is no distribution; pass a non-zero spectrum",
+        ),
+        (
+            lambda: matrix_entropy(_rand(4, 3), preset="other"),  # type: ignore[arg-type]
+            r"unknown entropy preset 'other'; use 'default' or 'paper'",
+        ),
+        (
+            lambda: dataset_entropy(_rand(4, 3), preset="other"),  # type: ignore[arg-type]
+            r"unknown entropy preset 'other'; use 'default' or 'paper'",
+        ),
+        (
+            lambda: masked_gram(torch.ones(1, 2, 2), torch.ones(1, 2), ridge=-1e-3),
+            r"ridge must be >= 0, got -0\.001; use 0 \(default\) or a small value like 1e-6",
+        ),
+    ]
+    for call, message in cases:
+        with pytest.raises(SftlensError, match=f"^{message}$"):
+            call()
+
+
+def _np_masked_gram(z, mask, *, center=True, ridge=0.0, scale_by_d=False) -> np.ndarray:
+    """masked_gram's definition, prompt by prompt in numpy float64: real rows (centred over the
+    real rows), each scaled to norm 1, padding rows 0; the n x n Gram unless T > d without ridge."""
+    out = []
+    _, t, d = z.shape
+    for zb, mb in zip(z.astype(np.float64), mask, strict=True):
+        zb = np.where(mb[:, None], zb, 0.0)
+        if center and mb.any():
+            zb = np.where(mb[:, None], zb - zb[mb].mean(0), 0.0)
+        norms = np.linalg.norm(zb, axis=1, keepdims=True)
+        zb = zb / np.where(norms > 0, norms, 1.0)
+        g = zb @ zb.T if (t <= d or ridge > 0) else zb.T @ zb
+        g = g / d if scale_by_d else g
+        out.append(g + ridge * np.diag(mb.astype(np.float64)) if ridge > 0 else g)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize(("t", "d"), [(4, 6), (6, 3)])  # the n x n and the d x d side
+def test_masked_gram_matches_numpy(t: int, d: int) -> None:
+    g = torch.Generator().manual_seed(8)
+    z = 0.1 * torch.randn(3, t, d, generator=g) + 0.05  # rows of norm < 1, an offset
+    mask = torch.zeros(3, t, dtype=torch.bool)
+    mask[0], mask[1, 2], mask[2, 1:3] = True, True, True  # all real; one token; two tokens
+    z[~mask] = float("nan")  # junk in padding must not leak in
+    zn, mn = z.numpy(), mask.numpy()
+    cases = [
+        ({}, {}),  # the defaults: centred, no ridge, no scaling
+        ({"center": False}, {"center": False}),
+        (
+            {"center": False, "ridge": 1e-6, "scale_by_d": True},
+            {"center": False, "ridge": 1e-6, "scale_by_d": True},
+        ),
+        ({"ridge": 1e-3}, {"ridge": 1e-3}),
+    ]
+    for kwargs, np_kwargs in cases:
+        got = masked_gram(z, mask, **kwargs)
+        want = _np_masked_gram(zn, mn, **np_kwargs)
+        assert got.dtype == torch.float64
+        assert tuple(got.shape) == want.shape, kwargs
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-14, err_msg=str(kwargs))
+    m = 3 if t > d else t
+    assert tuple(masked_gram(z, mask).shape) == (3, m, m)  # (B, min(T, d), ...) without ridge
+
+
+def test_masked_gram_ridge_is_exact_on_a_zero_real_row() -> None:
+    z = torch.zeros(1, 2, 3)
+    z[0, 0] = torch.tensor([1.0, 2.0, 2.0])  # row 1 is real but all zero: no direction
+    mask = torch.ones(1, 2, dtype=torch.long)  # an HF attention_mask
+    got = masked_gram(z, mask, center=False, ridge=1e-6)
+    assert got[0, 1, 1].item() == 1e-6  # exactly the float64 ridge
+    assert got[0, 0, 0].item() == pytest.approx(1.0 + 1e-6, abs=1e-15)
+
+
+def test_gram_spectrum_is_descending_trace_normalised_with_noise_zeroed() -> None:
+    eps = torch.finfo(torch.float64).eps
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((3, 5))
+    psd = a @ a.T
+    grams = torch.tensor(
+        np.stack(
+            [
+                np.diag([1.0, 3 * eps, 0.0]),  # 3 eps = m eps * largest: noise, not kept
+                np.diag([1e-3, 1e-17, 0.0]),  # above m eps * largest: kept
+                np.diag([0.25, 0.0, 0.5]),  # trace below 1
+                np.zeros((3, 3)),  # no spread: [1, 0, 0]
+                psd,
+                np.diag([1.0, 4 * eps, 0.0]),  # above m eps (m = 3, not the batch of 6): kept
+            ]
+        )
+    )
+    got = gram_spectrum(grams)
+    assert got.dtype == torch.float64 and got.shape == (6, 3)
+    assert got[5].tolist() == [1 / (1 + 4 * eps), 4 * eps / (1 + 4 * eps), 0.0]
+    assert got[0].tolist() == [1.0, 0.0, 0.0]
+    assert got[1].tolist() == [1e-3 / (1e-3 + 1e-17), 1e-17 / (1e-3 + 1e-17), 0.0]
+    assert got[2].tolist() == [2 / 3, 1 / 3, 0.0]
+    assert got[3].tolist() == [1.0, 0.0, 0.0]
+    lam = np.sort(np.linalg.eigvalsh(psd))[::-1]
+    np.testing.assert_allclose(got[4].numpy(), lam / lam.sum(), rtol=1e-12, atol=1e-15)

@@ -52,3 +52,27 @@ def test_lora_delta_norm_is_the_norm_of_the_scaled_product():
     assert lora_delta_norm(a, b, -0.5) == pytest.approx(want, rel=1e-12)
     assert lora_delta_norm(a, b, 2.0) == pytest.approx(4 * want, rel=1e-12)
     assert lora_delta_norm(torch.zeros(3, 7), b, 2.0) == 0.0  # B A = 0 (a fresh LoRA)
+
+
+def test_sums_over_several_chunks_count_every_element_once():
+    """More elements than one chunk (2^20), with a partial last chunk: each counted once."""
+    n = (1 << 20) * 2 + 12348  # a multiple of 5, not of 2^20
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    a64, b64 = a.double().numpy(), b.double().numpy()
+    assert frobenius_sq(a.reshape(-1, 5)) == pytest.approx(float(a64 @ a64), rel=1e-12)
+    d = (a - b).double().numpy()  # the difference is taken in float32, as documented
+    assert np.abs(d - (a64 - b64)).max() > 0  # (not exact here: a and b differ by more than 2x)
+    want = float(d @ d)
+    assert frobenius_sq_diff(a.reshape(-1, 5), b.reshape(-1, 5)) == pytest.approx(want, rel=1e-12)
+
+
+def test_half_precision_weights_are_subtracted_in_float32():
+    """256 - (1 + 2^-7) = 254.9921875 needs 15 bits: exact in float32, rounded in bfloat16."""
+    a, b = (
+        torch.tensor([256.0], dtype=torch.bfloat16),
+        torch.tensor([1 + 2**-7], dtype=torch.bfloat16),
+    )
+    assert float(b) == 1 + 2**-7
+    assert frobenius_sq_diff(a, b) == 254.9921875**2
+    assert frobenius_sq_diff(a.half(), b.half()) == 254.9921875**2
