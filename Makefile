@@ -18,9 +18,9 @@ lint: setup
 bench: setup
 	.venv/bin/python benchmarks/bench_weights.py
 
-# Mutation testing of the core modules ([tool.mutmut] in pyproject.toml), kept out of CI: 80 min
-# measured on 2 busy shared cores (mutation/baseline.md). A rerun resumes from ./mutants and
-# retests only the functions whose source changed, not survivors that a new test may now kill:
+# Mutation testing of the core modules ([tool.mutmut] in pyproject.toml), kept out of CI: the whole
+# core is 3-4 h on 2 cores (mutation/after-s7.md); run a module at a time with MUTANTS=.
+# A rerun resumes from ./mutants and retests only the functions whose source changed, not survivors that a new test may now kill:
 # name them, e.g. make mutate MUTANTS='sftlens.run.*' (or rm -rf mutants to start over).
 # One torch thread per mutant worker: more threads oversubscribe the cores. mutmut runs the tests
 # from its copy in ./mutants, so the GSM8K folder beside the repository is passed by its path.
