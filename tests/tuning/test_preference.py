@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from eval_helpers import tiny_lm
 from sftlens.data.gsm8k import Example
 from sftlens.evaluation.generate import Sampling, StopRule, generate_batch
 from sftlens.io import read_json
@@ -118,23 +119,7 @@ def test_a_sliding_window_model_samples_as_each_prompt_alone(tok, tmp_path):
     """Prompt plus new tokens outgrow the attention window of 8 (7 and 13 prompt tokens, 6
     new): a shared-prefix cache would put padding inside the short prompt's window, so none is
     used and every sample is still its prompt's own seeded draw."""
-    from transformers import AutoModelForCausalLM, MistralConfig
-
-    torch.manual_seed(0)
-    cfg = MistralConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.3,
-        sliding_window=8,
-        bos_token_id=None,
-        eos_token_id=1,
-    )
-    lm = AutoModelForCausalLM.from_config(cfg).eval()
+    lm = tiny_lm("mistral")  # sliding_window=8
     job = make_job(tok, ["w1 ?", "how many w7 of the w8 ?"], max_new_tokens=6)
     assert sorted(len(x) for x in job.ids) == [7, 13]
     records, _ = collect_samples(tmp_path, job, "key", lambda: lm, tok, progress=False)

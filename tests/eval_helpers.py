@@ -1,4 +1,4 @@
-"""Helpers for the evaluation tests: tiny generating models and hand-written GSM8K-style data.
+"""Helpers for the evaluation and sampling tests: tiny generating models and hand-written GSM8K-style data.
 
 The tiny models use a large init range so that greedy continuations depend on the prompt
 (with the default 0.02 a random model repeats one or two tokens whatever it is given).
