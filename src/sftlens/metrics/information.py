@@ -148,8 +148,8 @@ def gram_spectrum(gram: Tensor) -> Tensor:
 
     Rounding noise (below ``m * eps * largest``) becomes an exact 0; a Gram with no spread at
     all (every eigenvalue 0) gives ``[1, 0, ...]``. On a GPU pass a host copy: cuSOLVER solves a
-    float64 batch of matrices larger than 32 x 32 one matrix at a time (``syevd`` in a loop),
-    about two orders of magnitude slower than LAPACK on the host for a prompt's Gram.
+    float64 batch of matrices larger than 32 x 32 one matrix at a time (``syevd`` in a loop):
+    32 Grams of 70 x 70 took 15.9 ms on an H200 and 4.0 ms with LAPACK on its host.
 
     Example:
         >>> gram_spectrum(torch.tensor([[[2.0, 0.0], [0.0, 6.0]]], dtype=torch.float64))
