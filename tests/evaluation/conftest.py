@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from eval_helpers import problem, tiny_lm, write_jsonl
 
+from eval_helpers import problem, tiny_lm, write_jsonl
 from tiny_models import save_model, tiny_tokenizer
 
 

@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from eval_helpers import loop_scores, problem, write_jsonl
 
+from eval_helpers import loop_scores, problem, write_jsonl
 from sftlens.cli import main
 from sftlens.data.gsm8k import load_jsonl
 from sftlens.data.prompts import few_shot_prefix, format_question, format_target

@@ -6,8 +6,8 @@ import random
 
 import pytest
 import torch
-from eval_helpers import ARCHS, tiny_lm
 
+from eval_helpers import ARCHS, tiny_lm
 from sftlens.evaluation import generate as gen_mod
 from sftlens.evaluation.generate import (
     PrefixCache,

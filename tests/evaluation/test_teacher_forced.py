@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from eval_helpers import ARCHS, loop_scores, tiny_lm
 
+from eval_helpers import ARCHS, loop_scores, tiny_lm
 from sftlens.evaluation.generate import PrefixCache, shared_prefix_length
 from sftlens.evaluation.teacher_forced import AnswerScores, answer_scores
 
