@@ -139,6 +139,36 @@ def test_analyze_dtype_auto_is_bf16_on_cuda_and_accumulators_stay_float64_there(
     assert acc.layers[0].pooled["base"].rows.device.type == "cpu"  # grows with the data: host
 
 
+def test_host_accumulators_take_inputs_from_the_gpu():
+    """Accumulators kept on the host, fed GPU tensors (and router masks on the other device),
+    equal the all-CPU result: each update moves its sums to the accumulator's device. On one
+    device these moves are no-ops, so only a second device checks them (mutation/answers-core.md:
+    PromptEntropy.update #2, _add #3 #6, RoutingStats.update #17 #20 #23, routing._real #19)."""
+    from sftlens.metrics.accumulators import PromptEntropy, RoutingStats
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 5, 8, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]).bool()
+    want = PromptEntropy(2.0, device="cpu")
+    got = PromptEntropy(2.0, device="cpu", background=False)  # GPU Grams summed on the GPU
+    want.update_batch(h, mask)
+    got.update_batch(h.cuda(), mask.cuda())
+    want.update(h[1])
+    got.update(h[1].cuda())
+    assert got.compute() == pytest.approx(want.compute(), rel=1e-9)
+    assert got.raw_sum.device.type == "cpu"
+
+    base, sft = torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 4, generator=g)
+    want, got, other = RoutingStats(4, 2), RoutingStats(4, 2, device="cpu"), RoutingStats(4, 2)
+    want.update(base, sft, mask[:2])
+    got.update(base.cuda(), sft.cuda(), mask[:2])  # GPU logits, host accumulator and mask
+    other.update(base, sft, mask[:2].cuda())  # host logits, a mask left on the GPU
+    for acc in (got, other):
+        for name in RoutingStats._state:
+            assert getattr(acc, name).device.type == "cpu"
+            torch.testing.assert_close(getattr(acc, name), getattr(want, name), rtol=1e-9, atol=0)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_probe_on_cuda_matches_cpu_float32(tiny_pair, tmp_path, dtype):
     base, sft = map(str, tiny_pair)

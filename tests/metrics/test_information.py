@@ -225,6 +225,16 @@ def test_paper_dataset_spectrum_of_zero_rows_stays_on_their_device() -> None:
     assert got.tolist() == [1.0, 0.0, 0.0]
 
 
+def test_masked_gram_moves_the_mask_to_the_rows_device() -> None:
+    """A mask kept on the host (as tokenizers return it) with rows on another device: the Grams
+    are built on the rows' device. meta stands in for an accelerator (shapes only)."""
+    z = torch.randn(2, 3, 4, device="meta")
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    gram = masked_gram(z, mask)
+    assert gram.device == z.device and tuple(gram.shape) == (2, 3, 3)
+    assert gram.dtype == torch.float64
+
+
 def test_error_messages_whole() -> None:
     """Each input error of the information metrics, matched whole (anchored)."""
     cases = [

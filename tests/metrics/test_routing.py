@@ -76,6 +76,16 @@ def test_a_batch_without_mask_counts_every_token() -> None:
     )
 
 
+def test_a_batch_without_mask_builds_its_mask_on_the_logits_device() -> None:
+    """The all-real mask is made where the logits are, not on torch's default device."""
+    g = torch.Generator().manual_seed(6)
+    base, sft = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    want = routing_sums(base, sft, 2)
+    with torch.device("meta"):  # any default but the logits' (CPU) device
+        got = routing_sums(base, sft, 2)
+    assert got[3] == want[3] == 6 and all(torch.equal(a, b) for a, b in zip(got[:3], want[:3]))
+
+
 def test_router_logit_shape_errors_are_whole_messages() -> None:
     z3, z2 = torch.randn(2, 3, 4), torch.randn(6, 4)
     with pytest.raises(

@@ -219,9 +219,11 @@ def test_lora_dpo_changes_only_the_masked_layers_and_a_rerun_reuses_it(
 
 
 def test_full_dpo_changes_weights_outside_any_mask(tiny_pair, gsm8k_dir, tmp_path, monkeypatch):
+    import transformers
     import trl
 
     from sftlens.models import loading
+    from sftlens.tuning import sft as sft_module
 
     real_load, loads = loading.load_model, []
 
@@ -230,16 +232,30 @@ def test_full_dpo_changes_weights_outside_any_mask(tiny_pair, gsm8k_dir, tmp_pat
         return real_load(spec, **kw)
 
     seen: dict = {}
+    bars = transformers.utils.logging.is_progress_bar_enabled
 
     class Recording(trl.DPOTrainer):
         def __init__(self, **kw):
             seen.update(kw)
             super().__init__(**kw)
 
+        def train(self, *args, **kw):
+            seen["bars while training"] = bars()
+            return super().train(*args, **kw)
+
+    def save(model, tok, folder, state, **kw):
+        seen.setdefault("bars while saving", []).append(bars())
+        return real_save(model, tok, folder, state, **kw)
+
+    real_save = sft_module._save
     monkeypatch.setattr(loading, "load_model", load)
     monkeypatch.setattr(trl, "DPOTrainer", Recording)
+    monkeypatch.setattr(sft_module, "_save", save)
+    transformers.utils.logging.enable_progress_bar()
     base = tiny_pair[0]
-    out = dpo(base, tmp_path / "full", gsm8k_dir, full=True, max_examples=2, steps=1)
+    # with --progress, transformers' own bars (training, writing shards) stay on
+    out = dpo(base, tmp_path / "full", gsm8k_dir, full=True, max_examples=2, steps=1, progress=True)
+    assert seen["bars while training"] is True and seen["bars while saving"] == [True]
     before, after = _weights(base), _weights(out)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert "model.embed_tokens.weight" in changed and "lm_head.weight" in changed
