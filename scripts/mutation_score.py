@@ -6,8 +6,11 @@ pyproject.toml selects, so it agrees with `mutmut results`. Run it from anywhere
 
     python scripts/mutation_score.py                 # table, survivors, untested functions
     python scripts/mutation_score.py --markdown      # the same as Markdown (mutation/baseline.md)
+    python scripts/mutation_score.py --sample mutants/sample.txt   # a sample (scripts/mutate.py)
 
 score = (killed + timeout) / total. A timeout counts as caught: the mutant made a test hang.
+With --sample, only the named mutants count, and the last line estimates the whole core's score
+from them, with a 95% Wilson interval (each module weighted by its share of all mutants).
 "equivalent" counts the survivors that mutation/equivalent.md answers (they stay in "survived").
 Survivors named in mutation/equivalent.md (`- <mutant name>: <reason>`) are listed apart as
 judged equivalent; an entry whose mutant no longer survives, or no longer exists, is reported
@@ -30,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 EQUIVALENT = ROOT / "mutation" / "equivalent.md"
 CAUGHT = ("killed", "timeout")
+NOT_RUN = ("not checked", "check was interrupted by user", "skipped")
 COLUMNS = ("killed", "timeout", "survived", "equivalent", "no tests", "other")
 _ENTRY = re.compile(r"^\s*[-*]\s+`?([\w.ǁ]+__mutmut_\d+)`?\s*:\s*(.+?)\s*$")
 
@@ -173,6 +177,40 @@ def score(c: Counter[str]) -> str:
     return f"{caught}/{c['total']} = {100 * caught / c['total']:.1f}%" if c["total"] else "-"
 
 
+def wilson(caught: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion ``caught / n``.
+
+    >>> [round(x, 3) for x in wilson(80, 100)]
+    [0.711, 0.867]
+    >>> wilson(0, 0)
+    (0.0, 1.0)
+    """
+    if n == 0:
+        return 0.0, 1.0
+    p = caught / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def estimate(sampled: list[Mutant], population: Counter[str]) -> str:
+    """The whole core's score estimated from a sample stratified by module: each module's
+    sampled score weighted by its number of mutants; the interval is Wilson's on the pooled
+    sample (the strata are drawn in proportion, so the pooled sample is nearly self-weighting)."""
+    caught_by: Counter[str] = Counter(m.module for m in sampled if m.status in CAUGHT)
+    run_by: Counter[str] = Counter(m.module for m in sampled if m.status not in NOT_RUN)
+    total = sum(population[mod] for mod in run_by)
+    if not total:
+        return "no sampled mutant has run yet"
+    weighted = sum(population[mod] * caught_by[mod] / run_by[mod] for mod in run_by) / total
+    low, high = wilson(sum(caught_by.values()), sum(run_by.values()))
+    return (
+        f"estimated score of the {total} mutants of the {len(run_by)} modules sampled: "
+        f"{100 * weighted:.1f}% (95% interval {100 * low:.1f}-{100 * high:.1f}%, "
+        f"from {sum(run_by.values())} run)"
+    )
+
+
 def report(
     mutants: list[Mutant], reasons: dict[str, str], markdown: bool, names: bool = False
 ) -> str:
@@ -231,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-diff", action="store_true", help="skip the changed line per survivor")
     parser.add_argument("--equivalent", type=Path, default=EQUIVALENT, help="survivor reasons")
     parser.add_argument("--names", action="store_true", help="print each survivor's mutmut name")
+    parser.add_argument(
+        "--sample", type=Path, help="count only the mutants named in this file (one per line)"
+    )
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     if not Path("mutants").is_dir():
@@ -240,7 +281,20 @@ def main(argv: list[str] | None = None) -> int:
     if not mutants:
         print("no mutmut results under ./mutants: run `make mutate` first", file=sys.stderr)
         return 2
-    print(report(mutants, read_equivalent(args.equivalent), args.markdown, args.names))
+    reasons = read_equivalent(args.equivalent)
+    if args.sample is None:
+        print(report(mutants, reasons, args.markdown, args.names))
+        return 0
+    wanted = set(args.sample.read_text().split())
+    population = Counter(m.module for m in mutants)
+    sampled = [m for m in mutants if m.name in wanted]
+    if not sampled:
+        print(f"no mutant of {args.sample} exists under ./mutants", file=sys.stderr)
+        return 2
+    sampled_names = {m.name for m in sampled}
+    reasons = {n: r for n, r in reasons.items() if n in sampled_names}
+    print(report(sampled, reasons, args.markdown, args.names))
+    print("\n" + estimate(sampled, population))
     return 0
 
 
