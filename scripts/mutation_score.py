@@ -193,22 +193,41 @@ def wilson(caught: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return centre - half, centre + half
 
 
-def estimate(sampled: list[Mutant], population: Counter[str]) -> str:
+def estimate(
+    sampled: list[Mutant], population: Counter[str], equivalent: frozenset[str] = frozenset()
+) -> str:
     """The whole core's score estimated from a sample stratified by module: each module's
     sampled score weighted by its number of mutants; the interval is Wilson's on the pooled
-    sample (the strata are drawn in proportion, so the pooled sample is nearly self-weighting)."""
-    caught_by: Counter[str] = Counter(m.module for m in sampled if m.status in CAUGHT)
-    run_by: Counter[str] = Counter(m.module for m in sampled if m.status not in NOT_RUN)
-    total = sum(population[mod] for mod in run_by)
-    if not total:
+    sample (the strata are drawn in proportion, so the pooled sample is nearly self-weighting).
+    Then the same with the survivors judged ``equivalent`` set aside (they are not defects)."""
+
+    def weighted(drop: frozenset[str]) -> tuple[float, int, int]:
+        ran = [m for m in sampled if m.status not in NOT_RUN and m.name not in drop]
+        caught_by = Counter(m.module for m in ran if m.status in CAUGHT)
+        run_by = Counter(m.module for m in ran)
+        total = sum(population[mod] for mod in run_by)
+        value = sum(population[mod] * caught_by[mod] / run_by[mod] for mod in run_by) / total
+        return value, sum(caught_by.values()), len(ran)
+
+    run_by = Counter(m.module for m in sampled if m.status not in NOT_RUN)
+    if not run_by:
         return "no sampled mutant has run yet"
-    weighted = sum(population[mod] * caught_by[mod] / run_by[mod] for mod in run_by) / total
-    low, high = wilson(sum(caught_by.values()), sum(run_by.values()))
-    return (
-        f"estimated score of the {total} mutants of the {len(run_by)} modules sampled: "
-        f"{100 * weighted:.1f}% (95% interval {100 * low:.1f}-{100 * high:.1f}%, "
-        f"from {sum(run_by.values())} run)"
+    value, caught, n = weighted(frozenset())
+    low, high = wilson(caught, n)
+    dropped = {m.name for m in sampled if m.status == "survived" and m.name in equivalent}
+    text = (
+        f"estimated score of the {sum(population[mod] for mod in run_by)} mutants of the "
+        f"{len(run_by)} modules sampled: {100 * value:.1f}% (95% interval "
+        f"{100 * low:.1f}-{100 * high:.1f}%, from {n} run)"
     )
+    if dropped:
+        value, caught, n = weighted(frozenset(dropped))
+        low, high = wilson(caught, n)
+        text += (
+            f"; {100 * value:.1f}% ({100 * low:.1f}-{100 * high:.1f}%) with the "
+            f"{len(dropped)} survivors judged equivalent set aside"
+        )
+    return text
 
 
 def report(
@@ -294,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     sampled_names = {m.name for m in sampled}
     reasons = {n: r for n, r in reasons.items() if n in sampled_names}
     print(report(sampled, reasons, args.markdown, args.names))
-    print("\n" + estimate(sampled, population))
+    print("\n" + estimate(sampled, population, frozenset(reasons)))
     return 0
 
 

@@ -88,4 +88,12 @@ def test_the_estimate_weights_each_module_by_its_size_and_ignores_what_has_not_r
     low, high = score.wilson(9, 12)
     assert f"{100 * weighted:.1f}%" in text and "of the 1010 mutants of the 2 modules" in text
     assert f"95% interval {100 * low:.1f}-{100 * high:.1f}%, from 12 run" in text
+    assert "set aside" not in text
     assert score.estimate([m("big", "not checked", 0)], Counter(big=3)).startswith("no sampled")
+    # big's survivor judged equivalent: big is 9 of 9, small still 0 of 2
+    text = score.estimate(sampled, Counter(big=1000, small=10), frozenset({"big.x_f__mutmut_9"}))
+    low, high = score.wilson(9, 11)
+    assert text.endswith(
+        f"; {100 * 1000 / 1010:.1f}% ({100 * low:.1f}-{100 * high:.1f}%) with the 1 survivors "
+        "judged equivalent set aside"
+    )
