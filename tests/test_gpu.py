@@ -87,6 +87,19 @@ def test_weights_on_cuda_equal_cpu(tiny_pair, tmp_path):
     assert_close_tables(metrics(tmp_path / "gpu"), metrics(tmp_path / "cpu"), {"rel": 1e-9})
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "phi3"])
+def test_weights_of_fused_projections_on_cuda_equal_cpu(tmp_path, model_type):
+    """Fused q/k/v (and gate/up) tensors are split on --device: both checkpoints' parts there
+    (mutation/answers-core.md: weight_diff #248)."""
+    from test_weight_diff import _save_pair
+
+    base, sft = (str(p) for p in _save_pair(tmp_path, model_type)[:2])
+    assert main(["weights", base, sft, "--out", str(tmp_path / "cpu"), "--no-progress"]) == 0
+    cmd = ["weights", base, sft, "--out", str(tmp_path / "gpu"), "--device", "cuda"]
+    assert main([*cmd, "--no-progress"]) == 0
+    assert_close_tables(metrics(tmp_path / "gpu"), metrics(tmp_path / "cpu"), {"rel": 1e-9})
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_analyze_on_cuda_matches_cpu_float32(tiny_pair, tmp_path, dtype):
     base, sft = map(str, tiny_pair)
@@ -143,8 +156,9 @@ def test_host_accumulators_take_inputs_from_the_gpu():
     """Accumulators kept on the host, fed GPU tensors (and router masks on the other device),
     equal the all-CPU result: each update moves its sums to the accumulator's device. On one
     device these moves are no-ops, so only a second device checks them (mutation/answers-core.md:
-    PromptEntropy.update #2, _add #3 #6, RoutingStats.update #17 #20 #23, routing._real #19)."""
-    from sftlens.metrics.accumulators import PromptEntropy, RoutingStats
+    PromptEntropy.update #2, _add #3 #6, RoutingStats.update #17 #20 #23, routing._real #19,
+    AttentionStats.update #29)."""
+    from sftlens.metrics.accumulators import AttentionStats, PromptEntropy, RoutingStats
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(3, 5, 8, generator=g, dtype=torch.float64)
@@ -167,6 +181,32 @@ def test_host_accumulators_take_inputs_from_the_gpu():
         for name in RoutingStats._state:
             assert getattr(acc, name).device.type == "cpu"
             torch.testing.assert_close(getattr(acc, name), getattr(want, name), rtol=1e-9, atol=0)
+
+    attn = torch.softmax(torch.randn(2, 2, 3, 5, 5, generator=g), dim=-1)  # (base/sft, B, H, Q, K)
+    want, got = AttentionStats(3), AttentionStats(3, device="cpu")
+    want.update(attn[0], attn[1], mask[:2], mask[:2])
+    got.update(attn[0].cuda(), attn[1].cuda(), mask[:2].cuda(), mask[:2].cuda())
+    for name in AttentionStats._state:
+        assert getattr(got, name).device.type == "cpu"
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-9, atol=0)
+
+
+def test_prompt_entropy_solved_on_host_threads_keeps_float64():
+    """On a GPU the prompt Grams go to pinned host buffers and are solved on host threads
+    (the default there): the same float64 numbers as the CPU, not float32-rounded Grams
+    (mutation/answers-core.md: PromptEntropy.update_batch #50 #51 #55 #65)."""
+    from sftlens.metrics.accumulators import PromptEntropy
+
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(4, 6, 16, generator=g, dtype=torch.float64)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[0, 3:] = False
+    for preset in ("default", "paper"):
+        want, got = PromptEntropy(2.0, preset), PromptEntropy(2.0, preset, device="cuda")
+        want.update_batch(h, mask)
+        got.update_batch(h.cuda(), mask.cuda())
+        assert got._pending, "CUDA Grams are solved in the background by default"
+        assert got.compute() == pytest.approx(want.compute(), rel=1e-12)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -408,6 +408,31 @@ def test_attention_stats_state_lives_on_its_device() -> None:
     assert all(getattr(acc, n).device == torch.device("meta") for n in AttentionStats._state)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [lambda: StreamingCKA(2, 2), lambda: PairMoments(2), PromptEntropy, lambda: AttentionStats(2)],
+)
+def test_compute_before_update_names_the_accumulator(make) -> None:
+    acc = make()
+    name = type(acc).__name__
+    with pytest.raises(
+        SftlensError,
+        match=rf"^{name}\.compute\(\) called before any update; feed at least one batch$",
+    ):
+        acc.compute()
+
+
+def test_pooled_rows_input_errors_name_the_rows() -> None:
+    with pytest.raises(
+        SftlensError,
+        match=r"^rows must be a non-empty \(n, d\) matrix, got shape \(2, 0\); flatten tokens "
+        r"to rows first$",
+    ):
+        PooledRows(3).update(torch.zeros(2, 0))
+    with pytest.raises(SftlensError, match=r"^rows contains NaN or inf; "):
+        PooledRows(2).update(torch.tensor([[1.0, float("nan")]]))
+
+
 def test_pooled_rows_compute_before_update_message() -> None:
     with pytest.raises(
         SftlensError,

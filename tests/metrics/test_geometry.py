@@ -156,6 +156,28 @@ def test_cosine_of_zero_row_is_zero_and_zero_base_mean_gives_inf() -> None:
     assert float(mean_shift(x, x)[1]) == 0.0
 
 
+def test_standardized_cka_is_free_of_each_features_scale() -> None:
+    """z-scoring makes a feature's scale irrelevant, also for a quiet feature next to a loud
+    one: the rounding guard compares each feature with its own second moment, not the matrix's."""
+    x, y = _pair(50, 4, 3, seed=8)
+    x = x.double()
+    scaled = x * torch.tensor([1e4, 1e-6, 1.0, 3.0], dtype=torch.float64)
+    want = float(linear_cka(x, y, standardize=True))
+    assert float(linear_cka(scaled, y, standardize=True)) == pytest.approx(want, rel=1e-9)
+    yd = y.double()
+    moments = dict(sxx=scaled.T @ scaled, syy=yd.T @ yd, sxy=yd.T @ scaled)
+    got = cka_from_moments(**moments, sx=scaled.sum(0), sy=yd.sum(0), n=50, standardize=True)
+    assert float(got) == pytest.approx(want, rel=1e-9)
+
+
+def test_too_few_rows_message_is_whole() -> None:
+    with pytest.raises(
+        SftlensError,
+        match=r"^need at least 2 rows \(tokens or prompts\), got 1; use more inputs$",
+    ):
+        linear_cka(torch.randn(1, 3), torch.randn(1, 3))
+
+
 def test_mismatched_rows_raise() -> None:
     with pytest.raises(SftlensError, match="same tokens"):
         linear_cka(torch.randn(5, 3), torch.randn(6, 3))
