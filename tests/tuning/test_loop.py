@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from sftlens.config import SFTConfig
 from sftlens.tuning import loop
@@ -89,3 +90,15 @@ def test_peak_memory_on_cpu_is_the_peak_rss_since_the_reset():
     )
     got, hwm = map(float, out.stdout.split())
     assert hwm < 700 and hwm - 1 <= got <= hwm, out.stdout
+
+
+def test_reset_peak_memory_resets_the_cuda_count_of_the_given_device(monkeypatch):
+    """On a CUDA device, that device's peak-allocated count is reset (not the current device's:
+    ``--device cuda:1``); on the CPU, none."""
+    seen = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", seen.append)
+    loop.reset_peak_memory(torch.device("cpu"))
+    loop.reset_peak_memory()
+    assert seen == []
+    loop.reset_peak_memory(torch.device("cuda", 1))
+    assert seen == [torch.device("cuda", 1)]
