@@ -65,6 +65,7 @@ def test_config_key_is_the_same_for_one_model_spelled_two_ways(tmp_path, monkeyp
 
 _AFTER_EXEC = """
 from pathlib import Path
+import torch
 from sftlens.tuning import loop
 loop.reset_peak_memory()
 got = loop.peak_memory_mb(torch.device("cpu"))
