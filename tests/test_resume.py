@@ -92,6 +92,20 @@ def test_step_recomputes_when_its_rows_are_gone(tmp_path):
     assert run.step("s", {}, lambda: [row("m", 3.0)]) == [row("m", 3.0)]
 
 
+def test_step_recomputes_over_a_record_without_its_metrics_list(tmp_path):
+    """A step record without "metrics" (config.json edited by hand, or written by another
+    writer, like trajectory's): the step recomputes over it; the other steps' rows stay."""
+    run = RunFolder(tmp_path)
+    run.step("other", {}, lambda: [row("x", 7.0, layer=None)])
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["steps"]["s"] = {"hash": "from another version", "inputs": {}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    run = RunFolder(tmp_path)
+    assert run.step("s", {}, lambda: [row("m", 3.0)]) == [row("m", 3.0)]
+    assert sorted(r["metric"] for r in RunFolder(tmp_path).metrics()) == ["m", "x"]
+    assert RunFolder(tmp_path).step("s", {}, must_not_run) == [row("m", 3.0)]
+
+
 def test_step_without_write_leaves_the_folder_alone(tmp_path):
     run = RunFolder(tmp_path)
     assert run.step("s", {}, lambda: [row("m", 1.0)], write=False) == [row("m", 1.0)]

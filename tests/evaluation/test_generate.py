@@ -258,6 +258,34 @@ def test_forward_params_and_cache_kwarg_see_through_a_peft_wrapper():
     assert gen_mod.cache_kwarg(Transformers4Model()) == "past_key_values"
 
 
+def test_a_step_computes_the_last_positions_logits_only_and_takes_the_cache_by_its_name(
+    monkeypatch,
+):
+    """``_step``: the model is asked for the last position's logits only (``logits_to_keep=1``:
+    no (B, T, V) tensor for a long prompt), which equal the full forward's last row; the KV
+    cache comes from the output's ``cache`` (transformers 5), not through the deprecated
+    ``past_key_values`` alias, which would log a deprecation warning to the user."""
+    from transformers.utils import generic
+
+    model = tiny_lm("llama")
+    seen = {}
+
+    def hook(module, args, kwargs, out):
+        seen.update(kwargs=kwargs, logits=tuple(out.logits.shape))
+
+    model.register_forward_hook(hook, with_kwargs=True)
+    warned = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda *a, **k: warned.append(a))
+    ids = torch.tensor([[2, 3, 4, 5, 6, 7]])
+    logits, cache = gen_mod._step(model, input_ids=ids)
+    assert seen["kwargs"]["logits_to_keep"] == 1
+    assert seen["logits"] == (1, 1, model.config.vocab_size)
+    assert cache.get_seq_length() == 6 and warned == []
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[:, -1]
+    torch.testing.assert_close(logits, full)
+
+
 # -- seeded sampling (sftlens dpo) -------------------------------------------------------------
 
 
