@@ -586,3 +586,63 @@ def test_peak_memory_is_this_tunes_own_after_a_reset():
         assert low < high - 200, (low, high)
     else:
         assert low == high
+
+
+# -- the report section on a hand-made folder ---------------------------------------------------
+
+
+def test_report_section_in_full_on_a_hand_made_summary(tmp_path):
+    """Every row of the tune section names its summary value; the per-layer table reads the
+    ``lora_dw_*`` rows of the pair, attention and MLP."""
+    from sftlens.tuning import tune as tune_module
+
+    summary = {
+        "selection": "01100 -> layers 2-5 of 10",
+        "rank_per_layer": 20,
+        "total_rank": 80,
+        "budget_rank": 80,
+        "alpha": 40.0,
+        "target_modules": ["self_attn.q_proj", "mlp.up_proj"],
+        "trainable_params": 12345,
+        "steps": 7,
+        "train_tokens": 999,
+        "final_loss": 1.25,
+        "step_seconds": 0.5,
+        "peak_memory_mb": 321.0,
+    }
+    assert tune_module.report_section(tmp_path, [], summary) is None  # no adapter folder
+    (tmp_path / "adapter").mkdir()
+    assert tune_module.report_section(tmp_path, [], {"selection": "x"}) is None  # not a tune
+    rows = [
+        {"model": "pair", "layer": i, "metric": f"lora_dw_{g}", "value": v}
+        for i in range(2)
+        for g, v in (("attn", 0.5 * i), ("mlp", 2.0 + i))
+    ]
+    title, body = tune_module.report_section(tmp_path, rows, summary)
+    assert title == "LoRA tuning (01100 -> layers 2-5 of 10)"
+    assert body == (
+        "<p>LoRA (PEFT) on the layers of the mask only, everything else frozen; the loss is on "
+        "answer tokens. <code>lora_dw_*</code> is <code>||scaling * B A||_F</code> per layer, "
+        "summed over projections like <code>dw_*</code>.</p>"
+        '<table class="kv">'
+        "<tr><th class=l>mask</th><td>01100 -&gt; layers 2-5 of 10</td></tr>"
+        "<tr><th class=l>rank per layer</th><td>20</td></tr>"
+        "<tr><th class=l>total rank (budget)</th><td>80 (80)</td></tr>"
+        "<tr><th class=l>alpha</th><td>40</td></tr>"
+        "<tr><th class=l>target modules</th><td>self_attn.q_proj, mlp.up_proj</td></tr>"
+        "<tr><th class=l>trainable parameters</th><td>12345</td></tr>"
+        "<tr><th class=l>steps</th><td>7</td></tr>"
+        "<tr><th class=l>train tokens</th><td>999</td></tr>"
+        "<tr><th class=l>final loss</th><td>1.25</td></tr>"
+        "<tr><th class=l>step seconds (mean)</th><td>0.5</td></tr>"
+        "<tr><th class=l>peak memory MB</th><td>321</td></tr>"
+        "</table>"
+        "<table><tr><th>layer</th><th>depth</th><th>lora_dw_attn</th><th>lora_dw_mlp</th></tr>"
+        "<tr><td>0</td><td>0.25</td><td>0</td><td>2</td></tr>"
+        "<tr><td>1</td><td>0.75</td><td>0.5</td><td>3</td></tr></table>"
+    )
+    # the plots, when present, come between the table of values and the per-layer table
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "tune_loss.png").write_bytes(b"png")
+    _, body = tune_module.report_section(tmp_path, rows, summary)
+    assert '</table><img alt="tune_loss.png" src="data:image/png;base64,cG5n"><table>' in body
