@@ -356,3 +356,29 @@ def test_report_section_states_the_verdict_the_suggestion_and_the_intervals(tmp_
         "seed-to-seed spread of a mask is 0.125 nats.</p>"
     ) in body
     assert "sftlens suggest" not in body
+
+
+def test_report_section_intro_plot_and_a_summary_without_its_sweep_key(tmp_path):
+    """The intro paragraph in full, the plot of plots/sweep.png, and a sweep.csv whose
+    summary.json lacks the "sweep" key (e.g. a killed sweep) still gets its table."""
+    from sftlens.io import write_rows_csv
+
+    rows = [{"mask": "11", "seed": 0, "answer_nll": 1.5}, {"mask": "01", "seed": 0, "answer_nll": 2.0}]
+    write_rows_csv(tmp_path / "sweep.csv", rows, sweep.SWEEP_COLUMNS)
+    title, body = sweep.report_section(tmp_path, [], {})
+    assert title == "Mid-Block tuning sweep"
+    assert body == (
+        "<p>LoRA on the layers of each depth-block mask (leftmost character = bottom block), "
+        "budget-matched to the all-layers baseline, under the same seed, data order and steps. "
+        "Held-out scores on test problems the tuning never saw: teacher-forced answer NLL "
+        "(lower is better; <code>delta_nll</code> against the baseline of the same seed) and, "
+        "when asked, greedy GSM8K accuracy with 95% intervals.</p>"
+        "<table><tr><th>mask</th><th>seed</th><th>answer_nll</th></tr>"
+        "<tr><td>11</td><td>0</td><td>1.5</td></tr><tr><td>01</td><td>0</td><td>2</td></tr></table>"
+    )
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "sweep.png").write_bytes(b"png")
+    _, with_plot = sweep.report_section(tmp_path, [], {})
+    assert with_plot == body.replace(
+        "</p><table>", '</p><img alt="sweep.png" src="data:image/png;base64,cG5n"><table>'
+    )
