@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import re
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -261,7 +263,9 @@ def test_lora_dw_matches_an_independent_float64_computation(family):
     plan = _plan(model, [1], targets="attn+mlp", alpha=3.0)
     peft_model = lora.apply_lora(model, plan)
     _randomize_lora(peft_model)
-    got = {(r["layer"], r["metric"]): r["value"] for r in lora.lora_dw_rows(peft_model, plan)}
+    dw_rows = lora.lora_dw_rows(peft_model, plan)
+    assert {r["model"] for r in dw_rows} == {"pair"}  # like dw_*: the report's tables read these
+    got = {(r["layer"], r["metric"]): r["value"] for r in dw_rows}
     s = 3.0 / plan.rank
     want: dict[str, float] = {}
     if family == "llama":
@@ -506,8 +510,15 @@ def test_a_plan_that_peft_does_not_follow_is_refused(monkeypatch):
 
     model = _tiny_model()
     plan = _plan(model, [1, 2])
-    with pytest.raises(SftlensError, match="PEFT found none of self_attn.q_proj"):
+    with pytest.raises(SftlensError) as info:
         lora.apply_lora(model, dataclasses.replace(plan, layers_pattern="h"))
+    # the whole message: the plan, then PEFT's own first line (cut at 120 characters)
+    assert re.fullmatch(
+        r"PEFT found none of self_attn\.q_proj, self_attn\.k_proj, self_attn\.v_proj, "
+        r"self_attn\.o_proj in layers \[1, 2\] under 'h' \(Target modules [^\n]{1,105}\); "
+        r"report this model type to sftlens",
+        str(info.value),
+    ), str(info.value)
     real = lora.LoraPlan.lora_config
 
     def one_layer_only(self):
@@ -646,3 +657,25 @@ def test_report_section_in_full_on_a_hand_made_summary(tmp_path):
     (tmp_path / "plots" / "tune_loss.png").write_bytes(b"png")
     _, body = tune_module.report_section(tmp_path, rows, summary)
     assert '</table><img alt="tune_loss.png" src="data:image/png;base64,cG5n"><table>' in body
+
+
+def test_apply_lora_silences_only_peft_s_future_warnings(monkeypatch):
+    """PEFT's FutureWarning about transformers' deprecated attribute is hidden; any other
+    warning PEFT gives while wrapping the model still reaches the user."""
+    import peft
+
+    real = peft.get_peft_model
+
+    def chatty(*a, **k):
+        warnings.warn("deprecated in transformers", FutureWarning, stacklevel=1)
+        warnings.warn("PEFT has something to say", UserWarning, stacklevel=1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(peft, "get_peft_model", chatty)
+    model = _tiny_model()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        lora.apply_lora(model, _plan(model, [1]))
+    said = [(w.category, str(w.message)) for w in seen]
+    assert (UserWarning, "PEFT has something to say") in said
+    assert not [w for w in said if w[0] is FutureWarning]
