@@ -679,3 +679,53 @@ def test_apply_lora_silences_only_peft_s_future_warnings(monkeypatch):
     said = [(w.category, str(w.message)) for w in seen]
     assert (UserWarning, "PEFT has something to say") in said
     assert not [w for w in said if w[0] is FutureWarning]
+
+
+def test_run_tune_reads_the_split_limit_and_seed_it_is_given(tiny_pair, tmp_path, monkeypatch):
+    """--split (e.g. a folder's dev.jsonl), --max-examples and --seed reach the data loader."""
+    import sftlens.data
+    from sftlens.tuning.tune import run_tune
+
+    base, _ = tiny_pair
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def resolve_dataset(spec, **kw):
+        seen.append((spec, kw))
+        raise Stop
+
+    monkeypatch.setattr(sftlens.data, "resolve_dataset", resolve_dataset)
+    cfg = TuneConfig(
+        model=str(base), out=str(tmp_path / "out"), data=str(tmp_path), split="dev",
+        max_examples=5, seed=3, device="cpu",
+    )  # fmt: skip
+    with pytest.raises(Stop):
+        run_tune(cfg)
+    assert seen == [(str(tmp_path), {"split": "dev", "limit": 5, "seed": 3})]
+
+
+def test_a_rerun_with_other_options_replaces_the_adapter_despite_a_stale_checkpoint_tmp(
+    tiny_pair, tmp_path
+):
+    """Rerunning tune into a folder that holds an earlier tune's adapter and the half-written
+    ``checkpoint-last.tmp`` of a run killed while saving: the new run trains, checkpoints,
+    replaces the adapter, and config.json records the new run's options."""
+    base, _ = tiny_pair
+    out = tune(base, tmp_path / "out", mask="01100", steps=1)
+    stale = out / "checkpoint-last.tmp"
+    (stale / "adapter").mkdir(parents=True)
+    (stale / "adapter" / "adapter_model.safetensors").write_bytes(b"half written")
+    tune(base, out, mask="00011", steps=2, save_every=1)
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert {int(k.split(".layers.")[1].split(".")[0]) for k in saved} == {3, 4}
+    assert not stale.exists() and not (out / "adapter.tmp").exists()
+    assert not (out / "checkpoint-last").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert (config["tune"]["mask"], config["tune"]["steps"], config["tune"]["save_every"]) == (
+        "00011",
+        2,
+        1,
+    )
+    assert config["tune"]["model"] == str(base) and _history(out)[-1]["step"] == 2
