@@ -363,7 +363,10 @@ def test_report_section_intro_plot_and_a_summary_without_its_sweep_key(tmp_path)
     summary.json lacks the "sweep" key (e.g. a killed sweep) still gets its table."""
     from sftlens.io import write_rows_csv
 
-    rows = [{"mask": "11", "seed": 0, "answer_nll": 1.5}, {"mask": "01", "seed": 0, "answer_nll": 2.0}]
+    rows = [
+        {"mask": "11", "seed": 0, "answer_nll": 1.5},
+        {"mask": "01", "seed": 0, "answer_nll": 2.0},
+    ]
     write_rows_csv(tmp_path / "sweep.csv", rows, sweep.SWEEP_COLUMNS)
     title, body = sweep.report_section(tmp_path, [], {})
     assert title == "Mid-Block tuning sweep"
@@ -420,9 +423,13 @@ def test_run_sweep_hands_blocks_to_suggest_and_the_adapter_to_the_gsm8k_eval(
     monkeypatch.setattr(sweep, "gsm8k_scores", gsm8k_scores)
     opts = {**OPTS, "heldout": 2}
     cfg = SweepConfig(
-        model=str(base), out=str(tmp_path / "sw"), masks="auto", from_run=str(analysis),
-        gsm8k=3, **opts,
-    )  # fmt: skip
+        model=str(base),
+        out=str(tmp_path / "sw"),
+        masks="auto",
+        from_run=str(analysis),
+        gsm8k=3,
+        **opts,
+    )
     with pytest.raises(Stop):
         sweep.run_sweep(cfg)
     item = tmp_path / "sw" / "tune" / "11-seed0"

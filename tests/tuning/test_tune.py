@@ -698,9 +698,14 @@ def test_run_tune_reads_the_split_limit_and_seed_it_is_given(tiny_pair, tmp_path
 
     monkeypatch.setattr(sftlens.data, "resolve_dataset", resolve_dataset)
     cfg = TuneConfig(
-        model=str(base), out=str(tmp_path / "out"), data=str(tmp_path), split="dev",
-        max_examples=5, seed=3, device="cpu",
-    )  # fmt: skip
+        model=str(base),
+        out=str(tmp_path / "out"),
+        data=str(tmp_path),
+        split="dev",
+        max_examples=5,
+        seed=3,
+        device="cpu",
+    )
     with pytest.raises(Stop):
         run_tune(cfg)
     assert seen == [(str(tmp_path), {"split": "dev", "limit": 5, "seed": 3})]
