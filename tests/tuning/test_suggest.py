@@ -567,3 +567,32 @@ def test_on_a_tiny_weights_and_analyze_run(tiny_pair, tmp_path, monkeypatch):
     assert s.mask in ("01000", "00100", "01100")
     assert all(math.isfinite(x) for x in s.scores if x is not None)
     assert "Suggested Mid-Block mask" in (out / "report.html").read_text()
+
+
+def test_report_section_in_full_with_the_masks_blocks_in_bold(tmp_path):
+    """A hand-made suggestion.json: the blocks of the mask are the bold rows, the others plain;
+    a family without a value for a block shows a dash."""
+    assert suggest_module.report_section(tmp_path, [], {}) is None  # no suggestion.json
+    atomic_write_json(
+        tmp_path / suggest_module.SUGGESTION_FILE,
+        {
+            "mask": "011",
+            "layer_range": "layers 2-5",
+            "rule": "stable-middle/1",
+            "reason": "why",
+            "scores": [1.0, 0.25, 0.5],
+            "family_scores": {"dw": [1.0, None, 0.5]},
+        },
+    )
+    title, body = suggest_module.report_section(tmp_path, [], {})
+    assert title == "Suggested Mid-Block mask (before training)"
+    assert body == (
+        "<p>Suggested mask <b><code>011</code></b>: layers 2-5. "
+        "Rule <code>stable-middle/1</code>: why.</p>"
+        "<table><tr><th>block</th><th>mask</th><th>change</th><th>dw</th></tr>"
+        "<tr><td>0</td><td>100</td><td>1</td><td>1</td></tr>"
+        '<tr style="font-weight:bold"><td>1</td><td>010</td><td>0.25</td><td>—</td></tr>'
+        '<tr style="font-weight:bold"><td>2</td><td>001</td><td>0.5</td><td>0.5</td></tr>'
+        "</table>"
+        "<p>Per-family scores are per-layer ranks scaled to [0, 1], 0 = least changed.</p>"
+    )

@@ -356,3 +356,115 @@ def test_report_section_states_the_verdict_the_suggestion_and_the_intervals(tmp_
         "seed-to-seed spread of a mask is 0.125 nats.</p>"
     ) in body
     assert "sftlens suggest" not in body
+
+
+def test_report_section_intro_plot_and_a_summary_without_its_sweep_key(tmp_path):
+    """The intro paragraph in full, the plot of plots/sweep.png, and a sweep.csv whose
+    summary.json lacks the "sweep" key (e.g. a killed sweep) still gets its table."""
+    from sftlens.io import write_rows_csv
+
+    rows = [
+        {"mask": "11", "seed": 0, "answer_nll": 1.5},
+        {"mask": "01", "seed": 0, "answer_nll": 2.0},
+    ]
+    write_rows_csv(tmp_path / "sweep.csv", rows, sweep.SWEEP_COLUMNS)
+    title, body = sweep.report_section(tmp_path, [], {})
+    assert title == "Mid-Block tuning sweep"
+    assert body == (
+        "<p>LoRA on the layers of each depth-block mask (leftmost character = bottom block), "
+        "budget-matched to the all-layers baseline, under the same seed, data order and steps. "
+        "Held-out scores on test problems the tuning never saw: teacher-forced answer NLL "
+        "(lower is better; <code>delta_nll</code> against the baseline of the same seed) and, "
+        "when asked, greedy GSM8K accuracy with 95% intervals.</p>"
+        "<table><tr><th>mask</th><th>seed</th><th>answer_nll</th></tr>"
+        "<tr><td>11</td><td>0</td><td>1.5</td></tr><tr><td>01</td><td>0</td><td>2</td></tr></table>"
+    )
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "sweep.png").write_bytes(b"png")
+    _, with_plot = sweep.report_section(tmp_path, [], {})
+    assert with_plot == body.replace(
+        "</p><table>", '</p><img alt="sweep.png" src="data:image/png;base64,cG5n"><table>'
+    )
+
+
+def test_run_sweep_hands_blocks_to_suggest_and_the_adapter_to_the_gsm8k_eval(
+    tiny_pair, tmp_path, monkeypatch
+):
+    """The wiring of run_sweep with its pieces replaced: 'auto' asks suggest for a mask of
+    --blocks blocks from --from, each trained adapter is scored on the held-out problems and,
+    with --gsm8k, evaluated with the sweep's options into the item's eval folder."""
+    from sftlens.tuning import tune
+
+    base, _ = tiny_pair
+    analysis = tmp_path / "analysis"
+    analysis.mkdir()
+    calls: list[tuple] = []
+
+    def suggest_mask(run_dir, num_blocks):
+        calls.append(("suggest", Path(run_dir), num_blocks))
+        return SimpleNamespace(mask="01", evidence=["block 0: x"])
+
+    def run_tune(cfg):
+        calls.append(("tune", cfg.mask, cfg.seed))
+        Path(cfg.out).mkdir(parents=True)
+        (Path(cfg.out) / "summary.json").write_text("{}")
+        return Path(cfg.out)
+
+    class Stop(Exception):
+        pass
+
+    def gsm8k_scores(cfg, adapter, out):
+        calls.append(("gsm8k", cfg.gsm8k, adapter, out))
+        raise Stop
+
+    monkeypatch.setattr("sftlens.tuning.suggest.suggest_mask", suggest_mask)
+    monkeypatch.setattr(tune, "run_tune", run_tune)
+    monkeypatch.setattr(sweep, "heldout_scores", lambda cfg, adapter, p, t: {"answer_nll": 1.0})
+    monkeypatch.setattr(sweep, "gsm8k_scores", gsm8k_scores)
+    opts = {**OPTS, "heldout": 2}
+    cfg = SweepConfig(
+        model=str(base),
+        out=str(tmp_path / "sw"),
+        masks="auto",
+        from_run=str(analysis),
+        gsm8k=3,
+        **opts,
+    )
+    with pytest.raises(Stop):
+        sweep.run_sweep(cfg)
+    item = tmp_path / "sw" / "tune" / "11-seed0"
+    assert calls == [
+        ("suggest", analysis, 2),
+        ("tune", "11", 0),
+        ("gsm8k", 3, item / "adapter", item / "eval"),
+    ]
+    # a config changed after its checks: run_sweep itself refuses 'auto' without --from
+    cfg = SweepConfig(model=str(base), out=str(tmp_path / "sw2"), masks="01", **opts)
+    cfg.masks = "auto"
+    with pytest.raises(SftlensError) as info:
+        sweep.run_sweep(cfg)
+    assert str(info.value) == "--masks auto needs --from RUN_DIR (an analysis run folder)"
+
+
+def test_heldout_answers_are_bounded_by_the_models_context_or_4096_without_one(monkeypatch):
+    """Whole held-out answers, whatever --max-length cut in training: max_length is the text
+    config's max_position_embeddings, and 4096 for a config that does not say."""
+    from sftlens.evaluation import evaluate, teacher_forced
+    from sftlens.models import loading
+
+    seen = []
+    configs = iter([SimpleNamespace(max_position_embeddings=77), SimpleNamespace()])
+    model = SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: next(configs)))
+
+    def answer_scores(m, tok, prompts, targets, *, batch_size, max_length):
+        seen.append((m, prompts, targets, batch_size, max_length))
+        return SimpleNamespace(answer_nll=1.5, answer_token_acc=0.25)
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: (model, "tok"))
+    monkeypatch.setattr(evaluate, "load_adapter", lambda m, adapter: m)
+    monkeypatch.setattr(teacher_forced, "answer_scores", answer_scores)
+    cfg = SweepConfig(model="m", batch_size=3, max_length=32)
+    for context in (77, 4096):
+        row = sweep.heldout_scores(cfg, Path("adapter"), ["q"], ["a"])
+        assert row == {"answer_nll": 1.5, "answer_token_acc": 0.25}
+        assert seen.pop() == (model, ["q"], ["a"], 3, context)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import re
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -261,7 +263,9 @@ def test_lora_dw_matches_an_independent_float64_computation(family):
     plan = _plan(model, [1], targets="attn+mlp", alpha=3.0)
     peft_model = lora.apply_lora(model, plan)
     _randomize_lora(peft_model)
-    got = {(r["layer"], r["metric"]): r["value"] for r in lora.lora_dw_rows(peft_model, plan)}
+    dw_rows = lora.lora_dw_rows(peft_model, plan)
+    assert {r["model"] for r in dw_rows} == {"pair"}  # like dw_*: the report's tables read these
+    got = {(r["layer"], r["metric"]): r["value"] for r in dw_rows}
     s = 3.0 / plan.rank
     want: dict[str, float] = {}
     if family == "llama":
@@ -506,8 +510,15 @@ def test_a_plan_that_peft_does_not_follow_is_refused(monkeypatch):
 
     model = _tiny_model()
     plan = _plan(model, [1, 2])
-    with pytest.raises(SftlensError, match="PEFT found none of self_attn.q_proj"):
+    with pytest.raises(SftlensError) as info:
         lora.apply_lora(model, dataclasses.replace(plan, layers_pattern="h"))
+    # the whole message: the plan, then PEFT's own first line (cut at 120 characters)
+    assert re.fullmatch(
+        r"PEFT found none of self_attn\.q_proj, self_attn\.k_proj, self_attn\.v_proj, "
+        r"self_attn\.o_proj in layers \[1, 2\] under 'h' \(Target modules [^\n]{1,105}\); "
+        r"report this model type to sftlens",
+        str(info.value),
+    ), str(info.value)
     real = lora.LoraPlan.lora_config
 
     def one_layer_only(self):
@@ -586,3 +597,140 @@ def test_peak_memory_is_this_tunes_own_after_a_reset():
         assert low < high - 200, (low, high)
     else:
         assert low == high
+
+
+# -- the report section on a hand-made folder ---------------------------------------------------
+
+
+def test_report_section_in_full_on_a_hand_made_summary(tmp_path):
+    """Every row of the tune section names its summary value; the per-layer table reads the
+    ``lora_dw_*`` rows of the pair, attention and MLP."""
+    from sftlens.tuning import tune as tune_module
+
+    summary = {
+        "selection": "01100 -> layers 2-5 of 10",
+        "rank_per_layer": 20,
+        "total_rank": 80,
+        "budget_rank": 80,
+        "alpha": 40.0,
+        "target_modules": ["self_attn.q_proj", "mlp.up_proj"],
+        "trainable_params": 12345,
+        "steps": 7,
+        "train_tokens": 999,
+        "final_loss": 1.25,
+        "step_seconds": 0.5,
+        "peak_memory_mb": 321.0,
+    }
+    assert tune_module.report_section(tmp_path, [], summary) is None  # no adapter folder
+    (tmp_path / "adapter").mkdir()
+    assert tune_module.report_section(tmp_path, [], {"selection": "x"}) is None  # not a tune
+    rows = [
+        {"model": "pair", "layer": i, "metric": f"lora_dw_{g}", "value": v}
+        for i in range(2)
+        for g, v in (("attn", 0.5 * i), ("mlp", 2.0 + i))
+    ]
+    title, body = tune_module.report_section(tmp_path, rows, summary)
+    assert title == "LoRA tuning (01100 -> layers 2-5 of 10)"
+    assert body == (
+        "<p>LoRA (PEFT) on the layers of the mask only, everything else frozen; the loss is on "
+        "answer tokens. <code>lora_dw_*</code> is <code>||scaling * B A||_F</code> per layer, "
+        "summed over projections like <code>dw_*</code>.</p>"
+        '<table class="kv">'
+        "<tr><th class=l>mask</th><td>01100 -&gt; layers 2-5 of 10</td></tr>"
+        "<tr><th class=l>rank per layer</th><td>20</td></tr>"
+        "<tr><th class=l>total rank (budget)</th><td>80 (80)</td></tr>"
+        "<tr><th class=l>alpha</th><td>40</td></tr>"
+        "<tr><th class=l>target modules</th><td>self_attn.q_proj, mlp.up_proj</td></tr>"
+        "<tr><th class=l>trainable parameters</th><td>12345</td></tr>"
+        "<tr><th class=l>steps</th><td>7</td></tr>"
+        "<tr><th class=l>train tokens</th><td>999</td></tr>"
+        "<tr><th class=l>final loss</th><td>1.25</td></tr>"
+        "<tr><th class=l>step seconds (mean)</th><td>0.5</td></tr>"
+        "<tr><th class=l>peak memory MB</th><td>321</td></tr>"
+        "</table>"
+        "<table><tr><th>layer</th><th>depth</th><th>lora_dw_attn</th><th>lora_dw_mlp</th></tr>"
+        "<tr><td>0</td><td>0.25</td><td>0</td><td>2</td></tr>"
+        "<tr><td>1</td><td>0.75</td><td>0.5</td><td>3</td></tr></table>"
+    )
+    # the plots, when present, come between the table of values and the per-layer table
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "tune_loss.png").write_bytes(b"png")
+    _, body = tune_module.report_section(tmp_path, rows, summary)
+    assert '</table><img alt="tune_loss.png" src="data:image/png;base64,cG5n"><table>' in body
+
+
+def test_apply_lora_silences_only_peft_s_future_warnings(monkeypatch):
+    """PEFT's FutureWarning about transformers' deprecated attribute is hidden; any other
+    warning PEFT gives while wrapping the model still reaches the user."""
+    import peft
+
+    real = peft.get_peft_model
+
+    def chatty(*a, **k):
+        warnings.warn("deprecated in transformers", FutureWarning, stacklevel=1)
+        warnings.warn("PEFT has something to say", UserWarning, stacklevel=1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(peft, "get_peft_model", chatty)
+    model = _tiny_model()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        lora.apply_lora(model, _plan(model, [1]))
+    said = [(w.category, str(w.message)) for w in seen]
+    assert (UserWarning, "PEFT has something to say") in said
+    assert not [w for w in said if w[0] is FutureWarning]
+
+
+def test_run_tune_reads_the_split_limit_and_seed_it_is_given(tiny_pair, tmp_path, monkeypatch):
+    """--split (e.g. a folder's dev.jsonl), --max-examples and --seed reach the data loader."""
+    import sftlens.data
+    from sftlens.tuning.tune import run_tune
+
+    base, _ = tiny_pair
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def resolve_dataset(spec, **kw):
+        seen.append((spec, kw))
+        raise Stop
+
+    monkeypatch.setattr(sftlens.data, "resolve_dataset", resolve_dataset)
+    cfg = TuneConfig(
+        model=str(base),
+        out=str(tmp_path / "out"),
+        data=str(tmp_path),
+        split="dev",
+        max_examples=5,
+        seed=3,
+        device="cpu",
+    )
+    with pytest.raises(Stop):
+        run_tune(cfg)
+    assert seen == [(str(tmp_path), {"split": "dev", "limit": 5, "seed": 3})]
+
+
+def test_a_rerun_with_other_options_replaces_the_adapter_despite_a_stale_checkpoint_tmp(
+    tiny_pair, tmp_path
+):
+    """Rerunning tune into a folder that holds an earlier tune's adapter and the half-written
+    ``checkpoint-last.tmp`` of a run killed while saving: the new run trains, checkpoints,
+    replaces the adapter, and config.json records the new run's options."""
+    base, _ = tiny_pair
+    out = tune(base, tmp_path / "out", mask="01100", steps=1)
+    stale = out / "checkpoint-last.tmp"
+    (stale / "adapter").mkdir(parents=True)
+    (stale / "adapter" / "adapter_model.safetensors").write_bytes(b"half written")
+    tune(base, out, mask="00011", steps=2, save_every=1)
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert {int(k.split(".layers.")[1].split(".")[0]) for k in saved} == {3, 4}
+    assert not stale.exists() and not (out / "adapter.tmp").exists()
+    assert not (out / "checkpoint-last").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert (config["tune"]["mask"], config["tune"]["steps"], config["tune"]["save_every"]) == (
+        "00011",
+        2,
+        1,
+    )
+    assert config["tune"]["model"] == str(base) and _history(out)[-1]["step"] == 2
