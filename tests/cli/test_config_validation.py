@@ -161,6 +161,7 @@ CASES: list[tuple[type, dict, str]] = [
         {"masks": "11111,auto"},
         "--masks auto needs --from RUN_DIR (an analysis run folder)",
     ),
+    (SweepConfig, {"masks": " "}, "--masks is empty; pass e.g. --masks 11111,01000,01100"),
     (SweepConfig, {"heldout": 0}, "--heldout must be >= 1, got 0"),
     (SweepConfig, {"gsm8k": -1}, "--gsm8k must be >= 0, got -1"),
     (SweepConfig, {"shots": -1}, "--shots must be >= 0, got -1"),

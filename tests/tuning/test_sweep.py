@@ -309,6 +309,10 @@ def test_mask_and_seed_parsing_reads_any_case_and_errors_say_what_to_write():
         "--masks: '11' is not a mask of K=3 blocks; write 3 characters of 0/1 with at least "
         "one 1 (leftmost = bottom block), 'auto' (with --from RUN) or 'all'"
     )
+    for empty in ("", "  "):
+        with pytest.raises(SftlensError) as info:
+            sweep.parse_masks(empty, 5)
+        assert str(info.value) == "--masks is empty; pass e.g. --masks 11111,01000,01100"
     with pytest.raises(SftlensError) as info:
         sweep.parse_seeds("0, x ")
     assert str(info.value) == "--seeds: 'x' is not an integer; pass e.g. --seeds 0,1"

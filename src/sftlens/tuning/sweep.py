@@ -88,6 +88,8 @@ def parse_masks(text: str, num_blocks: int) -> list[str]:
     >>> parse_masks("all", 2)
     ['10', '01', '11']
     """
+    if not text.strip():
+        raise SftlensError("--masks is empty; pass e.g. --masks 11111,01000,01100")
     if text.strip().lower() == "all":
         masks = ["".join(bits) for bits in itertools.product("01", repeat=num_blocks)]
         masks = [m for m in masks if "1" in m]
@@ -105,8 +107,6 @@ def parse_masks(text: str, num_blocks: int) -> list[str]:
             )
         if mask not in out:
             out.append(mask)
-    if not out:
-        raise SftlensError("--masks is empty; pass e.g. --masks 11111,01000,01100")
     return out
 
 
