@@ -80,7 +80,11 @@ print(got, hwm)
 )
 def test_peak_memory_on_cpu_is_the_peak_rss_since_the_reset():
     """On Linux: VmHWM of /proc/self/status (reset by reset_peak_memory), not getrusage's
-    ru_maxrss, which also keeps the peak of what the process ran before an exec (a launcher)."""
+    ru_maxrss, which also keeps the peak of what the process ran before an exec (a launcher).
+    Called here too, so that mutmut (which maps tests to the functions they call in-process)
+    runs this test for peak_memory_mb's mutants; the child inherits the mutant under test."""
+    loop.reset_peak_memory()
+    assert loop.peak_memory_mb(torch.device("cpu")) > 0
     before_exec = (
         "import os, sys; held = b'x' * (768 * 2**20); "  # 768 MiB touched, then exec
         f"os.execv(sys.executable, [sys.executable, '-c', {_AFTER_EXEC!r}])"
