@@ -56,6 +56,22 @@ def tiny_lm(arch: str, seed: int = 0, **overrides: object):
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
+def record_generated_batches(monkeypatch) -> list[list]:
+    """Wrap the batched engine (``sftlens.evaluation.generate.generate``, looked up at call
+    time by its callers) so that every batch it yields is also appended to the returned list."""
+    from sftlens.evaluation import generate as gen_mod
+
+    real, seen = gen_mod.generate, []
+
+    def keeping(*a, **k):
+        for batch in real(*a, **k):
+            seen.append(batch)
+            yield batch
+
+    monkeypatch.setattr(gen_mod, "generate", keeping)
+    return seen
+
+
 def problem(a: int, b: int, note: str = "") -> dict[str, str]:
     """A hand-written GSM8K-style record on the tiny tokenizer's words (never GSM8K text)."""
     return {

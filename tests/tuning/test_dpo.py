@@ -328,20 +328,13 @@ def test_sample_batch_size_and_progress_reach_the_sampler(
 ):
     import re
 
-    from sftlens.evaluation import generate as gen_mod
+    from eval_helpers import record_generated_batches
 
     monkeypatch.setattr("sftlens.tuning.preference.make_pair", lambda *a: None)
-    real, batches = gen_mod.generate, []
-
-    def keeping(*a, **k):
-        for batch in real(*a, **k):
-            batches.append(len(batch))
-            yield batch
-
-    monkeypatch.setattr(gen_mod, "generate", keeping)
+    batches = record_generated_batches(monkeypatch)
     opts = dict(max_examples=3, samples_per_problem=2, sample_batch_size=4)
     sample_only(tiny_pair[0], tmp_path / "a", gsm8k_dir, **opts, progress=True)
-    assert batches == [4, 2]
+    assert [len(b) for b in batches] == [4, 2]
     assert re.search(r"dpo samples: .*\| ?3/3 ", capsys.readouterr().err)
     sample_only(tiny_pair[0], tmp_path / "b", gsm8k_dir, **opts, progress=False)
     assert "dpo samples" not in capsys.readouterr().err

@@ -12,15 +12,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
-from eval_helpers import tiny_lm
+from eval_helpers import record_generated_batches, tiny_lm
 from sftlens.data.gsm8k import Example
 from sftlens.evaluation.generate import Sampling, StopRule, generate_batch
 from sftlens.io import read_json
 from sftlens.tuning import preference
 from sftlens.tuning.preference import SampleJob, collect_samples
-from tiny_models import tiny_llama_config, tiny_tokenizer
+from tiny_models import tiny_tokenizer
 
 QUESTIONS = ["how many w1 w2 ?", "the w3 is 4 + 5 ?", "how many w7 of the w8 w9 w10 ?"]
 
@@ -33,11 +32,7 @@ def tok():
 @pytest.fixture(scope="module")
 def lm():
     """A tiny Llama whose continuations depend on the prompt (large init range)."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    cfg = tiny_llama_config(initializer_range=0.3, bos_token_id=None, eos_token_id=1)
-    return AutoModelForCausalLM.from_config(cfg).eval()
+    return tiny_lm("llama")
 
 
 def make_job(tok, questions=QUESTIONS, **kw) -> SampleJob:
@@ -93,21 +88,12 @@ def _samples(records: list[dict]) -> list[list[tuple[str, str, int]]]:
 
 
 def test_sample_j_of_problem_i_is_its_own_seeded_draw(lm, tok, tmp_path, monkeypatch):
-    from sftlens.evaluation import generate as gen_mod
-
-    real, batches = gen_mod.generate, []
-
-    def keeping(*a, **k):
-        for batch in real(*a, **k):
-            batches.append(len(batch))
-            yield batch
-
-    monkeypatch.setattr(gen_mod, "generate", keeping)
+    batches = record_generated_batches(monkeypatch)
     job = make_job(tok)  # temperature 0.7, top-p 0.9, seed 5
     records, _ = collect_samples(
         tmp_path, job, "key", lambda: lm, tok, batch_size=4, progress=False
     )
-    assert batches == [4, 4, 1]  # 3 problems x 3 samples, 4 at a time
+    assert [len(b) for b in batches] == [4, 4, 1]  # 3 problems x 3 samples, 4 at a time
     assert [r["id"] for r in records] == [0, 1, 2]
     assert _samples(records) == drawn_alone(lm, tok, job)
     # sampled, not greedy: some problem's samples differ
@@ -127,16 +113,7 @@ def test_a_sliding_window_model_samples_as_each_prompt_alone(tok, tmp_path):
 
 
 def test_samples_stop_as_an_eval_answer_stops_and_hold_no_special_tokens(lm, tmp_path, monkeypatch):
-    from sftlens.evaluation import generate as gen_mod
-
-    real, drawn = gen_mod.generate, []
-
-    def keeping(*a, **k):
-        for batch in real(*a, **k):
-            drawn.extend(g.tokens for _, g in batch)
-            yield batch
-
-    monkeypatch.setattr(gen_mod, "generate", keeping)
+    batches = record_generated_batches(monkeypatch)
     tok = tiny_tokenizer()  # with 30 common words made special: skipped when decoded
     tok.add_special_tokens({"additional_special_tokens": [f"w{i}" for i in range(20, 50)]})
     eos = {1, *tok.convert_tokens_to_ids([f"w{i}" for i in range(50, 60)])}
@@ -157,7 +134,7 @@ def test_samples_stop_as_an_eval_answer_stops_and_hold_no_special_tokens(lm, tmp
         assert s["new_tokens"] == 6 or s["stop"] != "length"
     # special tokens were drawn, yet no completion shows one
     specials = set(tok.all_special_ids) - eos
-    assert any(specials & set(t) for t in drawn)
+    assert any(specials & set(g.tokens) for batch in batches for _, g in batch)
     assert not any(re.search(r"<(pad|unk)>|\bw[234][0-9]\b", s["completion"]) for s in samples)
 
 
