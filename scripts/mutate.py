@@ -39,6 +39,13 @@ def module_of(name: str) -> str:
     return name.partition("__mutmut_")[0].rpartition(".")[0]
 
 
+def check_fraction(fraction: float) -> None:
+    if not 0 < fraction <= 1:
+        raise ValueError(
+            f"--sample must be in (0, 1], got {fraction}: 0.1 tests 10% of each module"
+        )
+
+
 def choose(
     names: list[str], fraction: float, seed: int, patterns: list[str] | None = None
 ) -> list[str]:
@@ -56,10 +63,7 @@ def choose(
     >>> choose(names, 1.0, 0, ["m.b.*"])
     ['m.b.x_g__mutmut_1']
     """
-    if not 0 < fraction <= 1:
-        raise ValueError(
-            f"--sample must be in (0, 1], got {fraction}: 0.1 tests 10% of each module"
-        )
+    check_fraction(fraction)
     if patterns:
         names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)]
     by_module: dict[str, list[str]] = defaultdict(list)
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fraction = args.sample if args.sample is not None else (1.0 if args.patterns else 0.1)
     try:
-        choose([], fraction, args.seed)
+        check_fraction(fraction)
     except ValueError as e:
         parser.error(str(e))
     os.chdir(ROOT)

@@ -201,27 +201,26 @@ def estimate(
     sample (the strata are drawn in proportion, so the pooled sample is nearly self-weighting).
     Then the same with the survivors judged ``equivalent`` set aside (they are not defects)."""
 
-    def weighted(drop: frozenset[str]) -> tuple[float, int, int]:
+    def weighted(drop: frozenset[str]) -> tuple[float, int, int, int, int]:
+        """(estimate, caught, run, mutants of the modules run, modules run)"""
         ran = [m for m in sampled if m.status not in NOT_RUN and m.name not in drop]
         caught_by = Counter(m.module for m in ran if m.status in CAUGHT)
         run_by = Counter(m.module for m in ran)
         total = sum(population[mod] for mod in run_by)
-        value = sum(population[mod] * caught_by[mod] / run_by[mod] for mod in run_by) / total
-        return value, sum(caught_by.values()), len(ran)
+        value = sum(population[mod] * caught_by[mod] / run_by[mod] for mod in run_by) / (total or 1)
+        return value, sum(caught_by.values()), len(ran), total, len(run_by)
 
-    run_by = Counter(m.module for m in sampled if m.status not in NOT_RUN)
-    if not run_by:
+    value, caught, n, total, modules = weighted(frozenset())
+    if not n:
         return "no sampled mutant has run yet"
-    value, caught, n = weighted(frozenset())
     low, high = wilson(caught, n)
-    dropped = {m.name for m in sampled if m.status == "survived" and m.name in equivalent}
     text = (
-        f"estimated score of the {sum(population[mod] for mod in run_by)} mutants of the "
-        f"{len(run_by)} modules sampled: {100 * value:.1f}% (95% interval "
-        f"{100 * low:.1f}-{100 * high:.1f}%, from {n} run)"
+        f"estimated score of the {total} mutants of the {modules} modules sampled: "
+        f"{100 * value:.1f}% (95% interval {100 * low:.1f}-{100 * high:.1f}%, from {n} run)"
     )
+    dropped = frozenset(m.name for m in sampled if m.status == "survived" and m.name in equivalent)
     if dropped:
-        value, caught, n = weighted(frozenset(dropped))
+        value, caught, n, _, _ = weighted(dropped)
         low, high = wilson(caught, n)
         text += (
             f"; {100 * value:.1f}% ({100 * low:.1f}-{100 * high:.1f}%) with the "
@@ -310,8 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     if not sampled:
         print(f"no mutant of {args.sample} exists under ./mutants", file=sys.stderr)
         return 2
-    sampled_names = {m.name for m in sampled}
-    reasons = {n: r for n, r in reasons.items() if n in sampled_names}
+    reasons = {n: r for n, r in reasons.items() if n in wanted}
     print(report(sampled, reasons, args.markdown, args.names))
     print("\n" + estimate(sampled, population, frozenset(reasons)))
     return 0
